@@ -1,0 +1,179 @@
+"""One dataclass for the run config, validated once before any training.
+
+`pyproject.toml` `[tool.flwr.app.config]` is the single source of defaults; the same keys (hyphenated) are
+accepted by `--run-config`, and this module turns them into a typed, checked `RunConfig`. Imports neither
+Flower nor torch so that the centralized CLI, the ClientApp and the tests can share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+MODALITIES = ("act", "acw", "dc", "pm")
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, ill-typed or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # protocol (paper values)
+    num_server_rounds: int = 10
+    local_epochs: int = 5
+    clients_per_round: int = 9
+    batch_size: int = 8
+    grad_accum: int = 6
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    patience: int = 6
+    # model
+    model_preset: str = "compact"
+    fusion: str = "magnet"
+    modalities: str = "act,acw,dc,pm"
+    # federation
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    split_seed: int = 42
+    seed: int = 0
+    min_train_replies: int = 1
+    round_timeout: float = 3600.0
+    # data
+    data_path: str = ""
+    normalization: str = "global"
+    augment_sigma: float = 0.01
+    # outputs
+    output_dir: str = "outputs"
+    run_name: str = ""
+    resume: str = ""
+    # resources
+    num_threads: int = 1
+    eval_batch_size: int = 64
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's run config (hyphenated keys); every key checked before training starts."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in known:
+                raise ConfigError(f"unknown run-config key '{key}' (known keys: {', '.join(sorted(known))})")
+            f = known[key]
+            values[f.name] = _coerce(key, value, f.type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        positive = ("num_server_rounds", "local_epochs", "clients_per_round", "batch_size", "grad_accum",
+                    "num_threads", "eval_batch_size", "min_train_replies")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "round_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"run-config key '{_key(name)}' must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "proximal_mu", "augment_sigma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"run-config key 'patience' must be >= 0, got {self.patience}")
+        if self.min_train_replies > self.clients_per_round:
+            raise ConfigError("run-config key 'min-train-replies' cannot exceed 'clients-per-round'")
+        mods = self.modality_list
+        unknown = [m for m in mods if m not in MODALITIES]
+        if unknown or not mods or len(set(mods)) != len(mods):
+            raise ConfigError(f"run-config key 'modalities' must be a comma-separated subset of "
+                              f"{','.join(MODALITIES)} without repeats, got '{self.modalities}'")
+        if self.normalization not in ("global", "per_window"):
+            raise ConfigError(f"run-config key 'normalization' must be 'global' or 'per_window', "
+                              f"got '{self.normalization}'")
+        _check_choice("model-preset", self.model_preset, _model_presets())
+        _check_choice("fusion", self.fusion, _fusions())
+        _check_choice("strategy", self.strategy, _strategies())
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def modality_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
+
+    def data_source(self) -> str | None:
+        """Configured data path, else $FEDTIME_DATA_PATH, else None (= download / user cache)."""
+        return self.data_path or os.environ.get("FEDTIME_DATA_PATH") or None
+
+    def train_config(self, epochs: int | None = None):
+        """The model's TrainConfig with this run's values: one loop for centralized and federated."""
+        from model import TrainConfig
+
+        return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
+                           patience=self.patience)
+
+    def run_dir(self) -> Path:
+        if self.resume:
+            return Path(self.resume).expanduser().resolve()
+        return (Path(self.output_dir).expanduser() / self.run_name).resolve()
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    """Accept exactly the TOML types a key allows (an int where a float is expected is fine)."""
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+    elif type_name == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif type_name == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif type_name == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run-config key '{key}' must be of type {type_name}, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if choices is not None and value not in choices:
+        raise ConfigError(f"run-config key '{key}' must be one of {sorted(choices)}, got '{value}'")
+
+
+def _model_presets():
+    try:
+        from model import PRESETS
+    except ImportError:
+        return None
+    return PRESETS
+
+
+def _fusions():
+    try:
+        from model import FUSIONS
+    except ImportError:
+        return None
+    return FUSIONS
+
+
+def _strategies():
+    from server_app.strategy import STRATEGIES
+
+    return STRATEGIES

@@ -1,0 +1,136 @@
+"""A run's directory: results.json (one schema), checkpoints for resume, the best model.
+
+Layout of `<output-dir>/<run>/`:
+    results.json                 config, per-round history, best round, final test metrics
+    best_model.safetensors       the best round's global trainable state
+    checkpoint/global.safetensors, checkpoint/best.safetensors, checkpoint/state.json
+    plots/*.png
+Every file is written atomically (temp file + rename), so a killed run leaves the last completed round intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from safetensors.numpy import load_file, save_file
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+    _atomic_write(path, w)
+
+
+def save_arrays(path: Path, record: ArrayRecord | dict[str, np.ndarray], meta: dict | None = None) -> None:
+    state = arrays_to_numpy(record) if isinstance(record, ArrayRecord) else record
+    _atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+                                              metadata={k: str(v) for k, v in (meta or {}).items()}))
+
+
+def load_arrays(path: Path) -> ArrayRecord:
+    return numpy_to_arrays(load_file(str(path)))
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunStore:
+    """Owns one run directory; `resume=True` requires a checkpoint there and continues it."""
+
+    def __init__(self, path: Path, config: dict[str, Any], *, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.ckpt = self.path / "checkpoint"
+        self.resume = resume
+        if resume:
+            if not (self.ckpt / "state.json").exists():
+                raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt / 'state.json'}")
+            self.results = json.loads((self.path / "results.json").read_text())
+            self._check_compatible(self.results["config"], config)
+            self.results["config"]["num-server-rounds"] = config["num-server-rounds"]
+            self.results.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        else:
+            if (self.ckpt / "state.json").exists():
+                raise FileExistsError(f"{self.path} already holds a run; pass resume=\"{self.path}\" to "
+                                      f"continue it or choose another run-name")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.results = {"schema_version": RESULTS_SCHEMA_VERSION, "run": self.path.name, "status": "running",
+                            "config": config, "rounds": [], "best_round": None, "test": None}
+        self._t_start = time.time() - float(self.results.get("wall_time_s") or 0.0)
+
+    @staticmethod
+    def _check_compatible(old: dict, new: dict) -> None:
+        keys = ("model-preset", "fusion", "modalities", "strategy", "split-seed", "seed", "clients-per-round",
+                "local-epochs", "lr", "batch-size", "grad-accum")
+        diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+        if diff:
+            raise ValueError(f"cannot resume with a different configuration: {diff}")
+
+    # --------------------------------------------------------------- checkpoint
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.resume:
+            return None
+        state = json.loads((self.ckpt / "state.json").read_text())
+        rounds_done = state["round"]
+        self.results["rounds"] = [r for r in self.results["rounds"] if r["round"] <= rounds_done]
+        return {**state, "global": load_arrays(self.ckpt / "global.safetensors"),
+                "best": load_arrays(self.ckpt / "best.safetensors")}
+
+    def save_round(self, info: dict[str, Any], *, global_arrays: ArrayRecord, best_arrays: ArrayRecord,
+                   sampler: list, early_stopping: dict[str, Any]) -> None:
+        save_arrays(self.ckpt / "global.safetensors", global_arrays)
+        if early_stopping["best_round"] == info["round"] or not (self.ckpt / "best.safetensors").exists():
+            save_arrays(self.ckpt / "best.safetensors", best_arrays)
+        self.results["rounds"].append(info)
+        self.results["best_round"] = early_stopping["best_round"]
+        self.results["wall_time_s"] = time.time() - self._t_start
+        write_json(self.path / "results.json", self.results)
+        # state.json last: it is the commit point of a round
+        write_json(self.ckpt / "state.json", {"round": info["round"], "sampler": sampler,
+                                              "early_stopping": early_stopping})
+
+    # --------------------------------------------------------------- final
+    def finish(self, *, status: str, test: dict[str, Any] | None, best_arrays: ArrayRecord | None,
+               extra: dict[str, Any] | None = None) -> Path:
+        if best_arrays is not None:
+            save_arrays(self.path / "best_model.safetensors", best_arrays,
+                        meta={"best_round": self.results.get("best_round")})
+        self.results.update(status=status, test=test, wall_time_s=time.time() - self._t_start, **(extra or {}))
+        write_json(self.path / "results.json", self.results)
+        return self.path / "results.json"

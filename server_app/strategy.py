@@ -1,0 +1,306 @@
+"""Strategies: FedAvg for Time-MAGNET with subject-aware sampling, early stopping and checkpoint/resume.
+
+Flower's `Strategy.start` loops 1..N with no stop hook, no resume and samples node ids with the global
+`random`; this module overrides `start` so that a run
+  * maps SuperNodes to MEx subjects once (a QUERY message), then samples *subjects* with the paper's RNG,
+    so the client sequence is reproducible across runs, restarts and deployments;
+  * aggregates only what clients send (trainable state), sample-weighted, in float64, in subject order;
+  * validates on the server after every round, keeps the best round and stops after `patience` rounds
+    without improvement;
+  * checkpoints global/best weights plus sampler and early-stopping state after every round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
+
+
+class FederationError(RuntimeError):
+    """The federation cannot make progress (too few nodes or replies)."""
+
+
+# --------------------------------------------------------------------------- sampling
+class ClientSampler:
+    """Samples subjects per round exactly like the paper's script (`random.seed(s)`, shuffle 1..30, then
+    `random.sample(train_clients, k)` on the same RNG), restricted to the subjects that are connected."""
+
+    def __init__(self, split_seed: int, train_subjects_in_shuffle_order: list[int]) -> None:
+        self.rng = random.Random(split_seed)
+        subjects = list(range(1, 31))
+        self.rng.shuffle(subjects)  # consume the RNG exactly as the split did
+        self.order = list(train_subjects_in_shuffle_order)
+
+    def sample(self, available: Iterable[int], k: int) -> list[int]:
+        avail = set(available)
+        pool = [s for s in self.order if s in avail]
+        if len(pool) < k:
+            raise FederationError(f"cannot sample {k} clients: only {len(pool)} training subjects are "
+                                  f"connected ({sorted(pool)})")
+        return self.rng.sample(pool, k)
+
+    def get_state(self) -> list:
+        version, internal, gauss = self.rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_state(self, state: list) -> None:
+        self.rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def paper_shuffle_order(split_seed: int) -> list[int]:
+    rng = random.Random(split_seed)
+    subjects = list(range(1, 31))
+    rng.shuffle(subjects)
+    return subjects
+
+
+# --------------------------------------------------------------------------- early stopping
+@dataclass
+class EarlyStopping:
+    """Maximises a validation metric; ties are not improvements (so the earliest best round is kept)."""
+
+    patience: int
+    best: float = float("-inf")
+    best_round: int = 0
+    bad_rounds: int = 0
+
+    def update(self, server_round: int, value: float) -> bool:
+        """Record a round's metric; returns True when it is the new best."""
+        if value > self.best:
+            self.best, self.best_round, self.bad_rounds = value, server_round, 0
+            return True
+        self.bad_rounds += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_rounds >= self.patience
+
+
+# --------------------------------------------------------------------------- aggregation
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Exact sample-weighted mean, accumulated in float64 and cast back to each array's dtype."""
+    if not states:
+        raise ValueError("nothing to aggregate")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"aggregation weights must sum to > 0, got {weights}")
+    keys = list(states[0])
+    for i, s in enumerate(states[1:], start=1):
+        if list(s) != keys:
+            raise ValueError(f"reply {i} carries different arrays than reply 0")
+    out = {}
+    for k in keys:
+        acc = np.zeros(states[0][k].shape, dtype=np.float64)
+        for s, w in zip(states, weights):
+            if s[k].shape != acc.shape:
+                raise ValueError(f"array '{k}' has shape {s[k].shape}, expected {acc.shape}")
+            acc += s[k].astype(np.float64) * (w / total)
+        out[k] = acc.astype(states[0][k].dtype)
+    return out
+
+
+def _metrics(msg: Message) -> MetricRecord:
+    return next(iter(msg.content.metric_records.values()))
+
+
+@dataclass
+class ClientReply:
+    subject: int
+    num_examples: int
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    bytes_up: int
+
+
+# --------------------------------------------------------------------------- FedAvg
+class MagnetFedAvg(FedAvg):
+    """Sample-weighted FedAvg over subjects with server validation, early stopping and checkpoints."""
+
+    name = "fedavg"
+
+    def __init__(self, *, clients_per_round: int, patience: int, split_seed: int,
+                 train_subjects: list[int], min_train_replies: int = 1, store: RunStore | None = None,
+                 **_: Any) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
+                         min_available_nodes=clients_per_round)
+        self.clients_per_round = clients_per_round
+        self.min_train_replies = min_train_replies
+        order = [s for s in paper_shuffle_order(split_seed) if s in set(train_subjects)]
+        self.sampler = ClientSampler(split_seed, order)
+        self.early_stopping = EarlyStopping(patience)
+        self.store = store
+        self.subject_of_node: dict[int, int] = {}
+        self.best_arrays: ArrayRecord | None = None
+
+    # ----- hooks other strategies override
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Extra per-round config sent to clients (FedProx adds its mu here)."""
+        return {}
+
+    def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
+        return [float(r.num_examples) for r in replies]
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: %d clients per round, patience %d", type(self).__name__,
+            self.clients_per_round, self.early_stopping.patience)
+
+    # ----- discovery
+    def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
+        """Ask every connected SuperNode which subject it holds (waits for `clients_per_round` nodes)."""
+        deadline = time.time() + timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < self.clients_per_round:
+            if time.time() > deadline:
+                raise FederationError(f"only {len(node_ids)} SuperNodes connected after {timeout:.0f} s; "
+                                      f"need at least clients-per-round={self.clients_per_round}")
+            time.sleep(1.0)
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in node_ids]
+        mapping: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error():
+                log(WARNING, "node %d did not report its subject: %s", reply.metadata.src_node_id,
+                    reply.error.reason)
+                continue
+            subject = int(_metrics(reply)["subject"])
+            if subject in mapping.values():
+                raise FederationError(f"two SuperNodes hold subject {subject}: check their partition-id")
+            mapping[reply.metadata.src_node_id] = subject
+        if len(mapping) < self.clients_per_round:
+            raise FederationError(f"only {len(mapping)} SuperNodes reported a subject; need "
+                                  f"clients-per-round={self.clients_per_round}")
+        self.subject_of_node = mapping
+        log(INFO, "discovered %d clients: subjects %s", len(mapping), sorted(mapping.values()))
+        return mapping
+
+    # ----- one round
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
+        subjects = self.sampler.sample(self.subject_of_node.values(), self.clients_per_round)
+        node_of = {s: n for n, s in self.subject_of_node.items()}
+        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": cfg})
+        msgs = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_of[s])
+                for s in subjects]
+        bytes_down = arrays.count_bytes() * len(msgs)
+        t0 = time.time()
+        raw = list(grid.send_and_receive(msgs, timeout=timeout))
+        replies, failures = [], []
+        answered = set()
+        for m in raw:
+            subject = self.subject_of_node.get(m.metadata.src_node_id, -1)
+            answered.add(subject)
+            if m.has_error():
+                failures.append({"subject": subject, "reason": str(m.error.reason)})
+                continue
+            rec = m.content["arrays"]
+            met = dict(_metrics(m))
+            replies.append(ClientReply(subject, int(met["num-examples"]), arrays_to_numpy(rec),
+                                       {k: float(v) for k, v in met.items() if isinstance(v, (int, float))},
+                                       rec.count_bytes()))
+        for s in subjects:
+            if s not in answered:
+                failures.append({"subject": s, "reason": f"no reply within {timeout:.0f} s"})
+        for f in failures:
+            log(WARNING, "round %d: client (subject %02d) failed: %s", server_round, f["subject"], f["reason"])
+        if len(replies) < self.min_train_replies:
+            raise FederationError(f"round {server_round}: {len(replies)} successful replies, fewer than "
+                                  f"min-train-replies={self.min_train_replies}; failures: {failures}")
+        replies.sort(key=lambda r: r.subject)
+        new_state = weighted_average([r.state for r in replies], self.aggregation_weights(replies))
+        n = sum(r.num_examples for r in replies)
+        info = {
+            "clients": subjects,
+            "trained": [r.subject for r in replies],
+            "failures": failures,
+            "num_examples": n,
+            "train_loss": sum(r.metrics.get("train_loss", np.nan) * r.num_examples for r in replies) / n,
+            "train_accuracy": sum(r.metrics.get("train_accuracy", np.nan) * r.num_examples for r in replies) / n,
+            "bytes_down": int(bytes_down),
+            "bytes_up": int(sum(r.bytes_up for r in replies)),
+            "client_train_s": time.time() - t0,
+        }
+        return numpy_to_arrays(new_state), info
+
+    # ----- the loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        if evaluate_fn is None:
+            raise ValueError("validation-based early stopping needs evaluate_fn")
+        store = self.store
+        train_config = train_config or ConfigRecord()
+        result = Result()
+        arrays, first_round = initial_arrays, 1
+        state = store.load_checkpoint() if store else None
+        if state is not None:
+            arrays = state["global"]
+            self.best_arrays = state["best"]
+            self.sampler.set_state(state["sampler"])
+            self.early_stopping = EarlyStopping(**state["early_stopping"])
+            first_round = state["round"] + 1
+            log(INFO, "resuming %s after round %d (best round %d)", store.path, state["round"],
+                self.early_stopping.best_round)
+        if self.early_stopping.should_stop or first_round > num_rounds:
+            result.arrays = self.best_arrays or arrays
+            return result
+        self.discover(grid, timeout)
+        for rnd in range(first_round, num_rounds + 1):
+            t0 = time.time()
+            arrays, info = self.train_round(grid, rnd, arrays, train_config, timeout)
+            val = evaluate_fn(rnd, arrays)
+            improved = self.early_stopping.update(rnd, float(val["val_weighted_f1"]))
+            if improved:
+                self.best_arrays = arrays
+            info.update({k: float(v) for k, v in val.items()})
+            info.update(round=rnd, wall_s=time.time() - t0, best_round=self.early_stopping.best_round)
+            result.train_metrics_clientapp[rnd] = MetricRecord(
+                {"train_loss": info["train_loss"], "num-examples": info["num_examples"]})
+            result.evaluate_metrics_serverapp[rnd] = val
+            log(INFO, "[round %d/%d] clients %s | train loss %.4f | val loss %.4f acc %.4f wF1 %.4f mF1 %.4f | "
+                "up %.2f MB down %.2f MB | %.1f s%s", rnd, num_rounds,
+                " ".join(f"{s:02d}" for s in info["trained"]), info["train_loss"], info["val_loss"],
+                info["val_accuracy"], info["val_weighted_f1"], info["val_macro_f1"], info["bytes_up"] / 1e6,
+                info["bytes_down"] / 1e6, info["wall_s"], " *best*" if improved else "")
+            if store:
+                store.save_round(info, global_arrays=arrays, best_arrays=self.best_arrays,
+                                 sampler=self.sampler.get_state(), early_stopping=asdict(self.early_stopping))
+            if self.early_stopping.should_stop:
+                log(INFO, "early stopping after round %d: no improvement for %d rounds; best round %d", rnd,
+                    self.early_stopping.bad_rounds, self.early_stopping.best_round)
+                break
+        result.arrays = self.best_arrays
+        return result
+
+
+class MagnetFedProx(MagnetFedAvg):
+    """FedProx: clients add (mu/2)·||w − w_global||² over the trainable parameters."""
+
+    name = "fedprox"
+
+    def __init__(self, *, proximal_mu: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.proximal_mu = proximal_mu
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        return {"proximal-mu": float(self.proximal_mu)}
+
+
+STRATEGIES: dict[str, type[MagnetFedAvg]] = {cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx)}
+
+
+def build_strategy(name: str, **kwargs: Any) -> MagnetFedAvg:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}'; choose from {sorted(STRATEGIES)}")
+    return STRATEGIES[name](**kwargs)
