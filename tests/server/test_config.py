@@ -1,0 +1,41 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server_app.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pyproject_run_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    cfg = RunConfig.from_run_config(pyproject_run_config())
+    assert cfg == RunConfig()
+    assert set(pyproject_run_config()) == set(RunConfig().to_run_config())
+    assert (cfg.num_server_rounds, cfg.local_epochs, cfg.clients_per_round, cfg.batch_size, cfg.grad_accum,
+            cfg.lr, cfg.weight_decay, cfg.split_seed) == (10, 5, 9, 8, 6, 1e-4, 1e-4, 42)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num-server-round": 3}, "unknown run-config key 'num-server-round'"),
+    ({"lr": "fast"}, "'lr' must be of type float"),
+    ({"local-epochs": 1.5}, "'local-epochs' must be of type int"),
+    ({"batch-size": True}, "'batch-size' must be of type int"),
+    ({"modalities": "act,xyz"}, "'modalities'"),
+    ({"strategy": "fedsgd"}, "'strategy' must be one of"),
+    ({"clients-per-round": 0}, "'clients-per-round' must be >= 1"),
+    ({"normalization": "minmax"}, "'normalization'"),
+])
+def test_bad_keys_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        RunConfig.from_run_config({**pyproject_run_config(), **overrides})
+
+
+def test_int_accepted_for_float_and_round_trip():
+    cfg = RunConfig.from_run_config({"lr": 1, "modalities": "act,pm"})
+    assert cfg.lr == 1.0 and cfg.modality_list == ("act", "pm")
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg

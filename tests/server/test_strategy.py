@@ -1,0 +1,171 @@
+"""Strategy unit tests on hand-built replies (a scripted Grid; the real Flower runtime is exercised by
+tests/integration)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
+from server_app.strategy import (ClientSampler, EarlyStopping, FederationError, MagnetFedAvg, MagnetFedProx,
+                                 build_strategy, paper_shuffle_order, weighted_average)
+
+PAPER_TRAIN = [2, 3, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22, 23, 26, 27, 28, 30]
+# the reference script's draws (random.seed(42), shuffle, then random.sample(clients, 9) per round)
+PAPER_ROUNDS = [[19, 12, 20, 7, 22, 10, 23, 11, 27], [10, 27, 11, 30, 3, 26, 22, 7, 16],
+                [12, 15, 17, 14, 27, 30, 3, 18, 23]]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+class ScriptedGrid(Grid):
+    """Each node id runs `behaviour(subject, message) -> RecordDict | Error`."""
+
+    def __init__(self, subjects, behaviour):
+        self.node_of = {s: 1000 + s for s in subjects}
+        self.behaviour = behaviour
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.node_of.values())
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            subject = m.metadata.dst_node_id - 1000
+            if m.metadata.message_type == "query":
+                out = RecordDict({"metrics": MetricRecord({"subject": subject})})
+            else:
+                out = self.behaviour(subject, m)
+            if out is not None:
+                replies.append(Message(out, reply_to=m))
+        return replies
+
+    # unused abstract members
+    def create_message(self, *a, **k): raise NotImplementedError
+    def push_messages(self, messages): raise NotImplementedError
+    def pull_messages(self, message_ids): raise NotImplementedError
+    def set_run(self, run): raise NotImplementedError
+    @property
+    def run(self): raise NotImplementedError
+
+
+def reply(value: float, n: int, loss: float = 1.0) -> RecordDict:
+    return RecordDict({"arrays": numpy_to_arrays({"w": np.full((2, 3), value, np.float32),
+                                                  "b": np.array([value], np.float32)}),
+                       "metrics": MetricRecord({"train_loss": loss, "train_accuracy": 0.5, "num-examples": n})})
+
+
+def test_weighted_average_is_exact_sample_weighting():
+    a = {"w": np.array([1.0, 2.0], np.float32)}
+    b = {"w": np.array([4.0, 8.0], np.float32)}
+    out = weighted_average([a, b], [100, 300])
+    np.testing.assert_allclose(out["w"], [(1 * 100 + 4 * 300) / 400, (2 * 100 + 8 * 300) / 400], rtol=0, atol=1e-6)
+    assert out["w"].dtype == np.float32
+    with pytest.raises(ValueError, match="shape"):
+        weighted_average([a, {"w": np.zeros(3, np.float32)}], [1, 1])
+
+
+def test_sampler_reproduces_the_paper_sequence_and_is_seeded():
+    s = ClientSampler(42, [x for x in paper_shuffle_order(42) if x in PAPER_TRAIN])
+    draws = [sorted(s.sample(PAPER_TRAIN, 9)) for _ in range(3)]
+    assert draws == [sorted(r) for r in PAPER_ROUNDS]
+    s2 = ClientSampler(42, [x for x in paper_shuffle_order(42) if x in PAPER_TRAIN])
+    state0 = s2.get_state()
+    first = s2.sample(PAPER_TRAIN, 9)
+    s2.set_state(state0)
+    assert s2.sample(PAPER_TRAIN, 9) == first
+    other = ClientSampler(7, PAPER_TRAIN).sample(PAPER_TRAIN, 9)
+    assert len(set(other)) == 9 and set(other) <= set(PAPER_TRAIN)
+    with pytest.raises(FederationError, match="only 2"):
+        s.sample([2, 3], 9)
+
+
+def test_early_stopping_keeps_best_and_stops_after_patience():
+    es = EarlyStopping(patience=2)
+    flags = [es.update(r, v) for r, v in enumerate([0.5, 0.7, 0.7, 0.6], start=1)]
+    assert flags == [True, True, False, False]
+    assert es.best_round == 2 and es.best == 0.7 and es.should_stop
+    assert not EarlyStopping(patience=0, bad_rounds=10).should_stop
+
+
+def _strategy(tmp_path, subjects, k, **kw):
+    store = RunStore(tmp_path / "run", {"num-server-rounds": 3}, resume=False)
+    return MagnetFedAvg(clients_per_round=k, patience=kw.pop("patience", 5), split_seed=42,
+                        train_subjects=subjects, store=store, **kw)
+
+
+def test_round_aggregates_weighted_and_skips_failed_reply(tmp_path):
+    subjects = [2, 3, 6]
+    values = {2: (1.0, 100), 3: (3.0, 300), 6: (9.0, 50)}
+
+    def behaviour(subject, msg):
+        if subject == 6:
+            return Error(code=0, reason="simulated crash")
+        v, n = values[subject]
+        return reply(v, n, loss=v)
+
+    grid = ScriptedGrid(subjects, behaviour)
+    strat = _strategy(tmp_path, subjects, 3)
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
+                                                               "b": np.zeros(1, np.float32)}),
+                                     _empty_config(), timeout=5)
+    out = arrays_to_numpy(arrays)
+    np.testing.assert_allclose(out["w"], (1.0 * 100 + 3.0 * 300) / 400)
+    assert info["trained"] == [2, 3] and [f["subject"] for f in info["failures"]] == [6]
+    assert info["train_loss"] == pytest.approx((1.0 * 100 + 3.0 * 300) / 400)
+    assert info["bytes_up"] > 0 and info["bytes_down"] > 0
+
+
+def _empty_config():
+    from flwr.app import ConfigRecord
+    return ConfigRecord({})
+
+
+def test_too_few_replies_is_a_clear_error(tmp_path):
+    grid = ScriptedGrid([2, 3], lambda s, m: Error(code=0, reason="boom"))
+    strat = _strategy(tmp_path, [2, 3], 2)
+    strat.discover(grid, timeout=5)
+    with pytest.raises(FederationError, match="min-train-replies"):
+        strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(1, np.float32)}), _empty_config(), timeout=5)
+
+
+def test_start_stops_early_keeps_best_round_and_checkpoints(tmp_path):
+    subjects = PAPER_TRAIN
+    grid = ScriptedGrid(subjects, lambda s, m: reply(float(m.content["config"]["server-round"]), 10))
+    strat = _strategy(tmp_path, subjects, 9, patience=2)
+    val_by_round = {1: 0.4, 2: 0.8, 3: 0.6, 4: 0.7, 5: 0.9}
+
+    def evaluate_fn(rnd, arrays):
+        return MetricRecord({"val_loss": 1.0, "val_accuracy": 0.5, "val_weighted_f1": val_by_round[rnd],
+                             "val_macro_f1": 0.5})
+
+    result = strat.start(grid, numpy_to_arrays({"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.float32)}),
+                         num_rounds=5, evaluate_fn=evaluate_fn)
+    rounds = strat.store.results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]  # stopped after 2 rounds without gain
+    assert strat.early_stopping.best_round == 2
+    assert arrays_to_numpy(result.arrays)["w"][0, 0] == 2.0  # the best round's model, not the last
+    assert [sorted(r["clients"]) for r in rounds[:3]] == [sorted(r) for r in PAPER_ROUNDS]
+    assert (tmp_path / "run" / "checkpoint" / "state.json").exists()
+
+
+def test_fedprox_sends_mu_and_registry_builds_by_name(tmp_path):
+    grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 5))
+    strat = build_strategy("fedprox", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3],
+                           proximal_mu=0.1)
+    assert isinstance(strat, MagnetFedProx)
+    strat.discover(grid, timeout=5)
+    strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(1, np.float32)}), _empty_config(), timeout=5)
+    assert all(m.content["config"]["proximal-mu"] == 0.1 for m in grid.sent if m.metadata.message_type == "train")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build_strategy("nope")
