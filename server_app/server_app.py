@@ -1,0 +1,77 @@
+"""The ServerApp: validate the run config, federate, keep the best round, test it once, write results."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import DataLoader
+
+from model import evaluate, load_trainable_state, trainable_state
+from server_app import task
+from server_app.config import RunConfig
+from server_app.plots import write_plots
+from server_app.run_store import RunStore
+from server_app.strategy import build_strategy
+
+app = ServerApp()
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}-{cfg.model_preset}"
+
+
+class Evaluator:
+    """Server-side evaluation of a global trainable state on pooled subjects (validation or test)."""
+
+    def __init__(self, cfg: RunConfig, subjects) -> None:
+        self.cfg = cfg
+        self.model = task.model_for(cfg)
+        self.loader = DataLoader(task.dataset(cfg, subjects, train=False), batch_size=cfg.eval_batch_size)
+        self.device = task.device()
+
+    def __call__(self, arrays: ArrayRecord) -> dict:
+        load_trainable_state(self.model, arrays.to_torch_state_dict())
+        return evaluate(self.model.to(self.device), self.loader, self.device)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_run_config(context.run_config)
+    task.set_threads(cfg)
+    torch.manual_seed(cfg.seed)
+    cache, split, _ = task.open_data(cfg)  # builds the window cache once, before any client needs it
+    store = RunStore(cfg.run_dir() if cfg.resume else cfg.run_dir().parent / run_name(cfg),
+                     cfg.to_run_config(), resume=bool(cfg.resume))
+    log(INFO, "run directory: %s", store.path)
+
+    model = task.model_for(cfg)
+    initial = ArrayRecord(trainable_state(model))
+    validate = Evaluator(cfg, split.val)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        m = validate(arrays)
+        return MetricRecord({f"val_{k}": float(m[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
+
+    strategy = build_strategy(cfg.strategy, clients_per_round=cfg.clients_per_round, patience=cfg.patience,
+                              split_seed=cfg.split_seed, train_subjects=list(split.train),
+                              min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu, store=store)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
+                            timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+
+    best = result.arrays
+    test = Evaluator(cfg, split.test)(best)
+    status = "early_stopped" if strategy.early_stopping.should_stop else "completed"
+    summary = {k: test[k] for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}
+    path = store.finish(status=status, best_arrays=best, test={
+        **summary, "subjects": list(split.test), "num_examples": len(test["labels"]),
+        "report": test["report"], "confusion_matrix": test["confusion_matrix"],
+    }, extra={"model": {"trainable_bytes": initial.count_bytes(),
+                        "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))}})
+    write_plots(store.path, store.results, test)
+    log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f | results: %s",
+        store.results["best_round"], summary["accuracy"], summary["weighted_f1"], summary["macro_f1"], path)

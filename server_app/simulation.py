@@ -1,0 +1,151 @@
+"""Run the app under Flower's Ray simulation engine exactly as a user would (`flwr run .`), but isolated and
+accountable: its own FLWR_HOME and ports, the run's final status read from the SuperLink (not the CLI's exit
+code), its log kept, and every process it started (SuperLink, simulation, Ray) stopped by PID afterwards.
+
+    python -m server_app.simulation --nodes 21 --run-config 'num-server-rounds=10' [--workdir DIR]
+
+Used by the integration tests and the benchmarks; a user can equally type the `flwr run` line from the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from server_app.deploy import (FINISHED_OK, REPO_ROOT, DeployError, base_env, flwr_bin, flwr_cli, free_port,
+                               marked_pids, parse_json_output, stop_pids)
+
+
+@dataclass
+class SimulationRun:
+    run_id: int
+    status: str
+    wall_s: float
+    log_path: Path
+    leftover_pids: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == FINISHED_OK
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def federation_config(nodes: int, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> str:
+    """`--federation-config` for N virtual SuperNodes; 1 CPU per client = two clients at once on 2 cores."""
+    return (f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client} "
+            f"client-resources-num-gpus={gpus_per_client}")
+
+
+def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app_dir: Path = REPO_ROOT,
+                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, timeout: float = 3600,
+                   echo: bool = False, on_progress=None) -> SimulationRun:
+    """Submit one simulation run, wait for its final status, then stop every process it started.
+
+    `on_progress(run_id)` is called every few seconds while the run is in progress (tests use it to
+    interrupt a run); returning True stops waiting and tears the federation down.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker = f"sim-{uuid.uuid4().hex[:12]}"
+    env = base_env(workdir / "flwr-home", marker)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    (workdir / "flwr-home").mkdir(exist_ok=True)
+    (workdir / "flwr-home" / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "local", "local": {"address": ":local:"}}}))
+    rc_path = workdir / "run-config.toml"
+    rc_path.write_text(tomli_w.dumps(run_config))
+    log_path = workdir / "run.log"
+    t0 = time.time()
+    run_id, status = -1, "not-submitted"
+    try:
+        out = flwr_cli(["run", str(app_dir), "local", "--run-config", str(rc_path), "--federation-config",
+                        federation_config(nodes, cpus_per_client, gpus_per_client), "--format", "json"],
+                       env, timeout=300, cwd=workdir)
+        data = parse_json_output(out.stdout)
+        if not data.get("success", True) or "run-id" not in data:
+            raise DeployError(f"flwr run did not return a run id: {data}")
+        run_id = int(data["run-id"])
+        with open(log_path, "w") as logf:
+            streamer = subprocess.Popen([flwr_bin("flwr"), "log", str(run_id), "local", "--stream"], env=env,
+                                        cwd=workdir, stdout=subprocess.PIPE if echo else logf,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+            try:
+                status = _wait(run_id, env, workdir, timeout, streamer, logf if echo else None, on_progress)
+            finally:
+                streamer.terminate()
+                try:
+                    streamer.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    streamer.kill()
+    finally:
+        leftover = stop_pids([], grace=10, marker=marker)
+    return SimulationRun(run_id, status, time.time() - t0, log_path, leftover)
+
+
+def _status(run_id: int, env: dict, workdir: Path) -> str:
+    out = flwr_cli(["list", "local", "--run-id", str(run_id), "--format", "json"], env, check=False, cwd=workdir)
+    try:
+        runs = parse_json_output(out.stdout).get("runs", [])
+    except (DeployError, json.JSONDecodeError, AttributeError):
+        return "unknown"
+    return next((str(r.get("status", "unknown")) for r in runs if int(r.get("run-id", -1)) == run_id), "unknown")
+
+
+def _wait(run_id, env, workdir, timeout, streamer, echo_file, on_progress) -> str:
+    deadline = time.monotonic() + timeout
+    last_poll = 0.0
+    status = "unknown"
+    while time.monotonic() < deadline:
+        if echo_file is not None and streamer.stdout is not None:
+            line = streamer.stdout.readline()
+            if line:
+                sys.stdout.write(line)
+                echo_file.write(line)
+                continue
+        else:
+            time.sleep(1.0)
+        if time.monotonic() - last_poll > 3.0:
+            last_poll = time.monotonic()
+            status = _status(run_id, env, workdir)
+            if status.startswith("finished"):
+                return status
+            if on_progress is not None and on_progress(run_id):
+                return f"interrupted:{status}"
+    flwr_cli(["stop", str(run_id), "local"], env, check=False, cwd=workdir)
+    return f"timeout:{status}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=21)
+    p.add_argument("--run-config", default="", help="TOML key=value pairs, as for `flwr run --run-config`")
+    p.add_argument("--workdir", type=Path, default=Path("outputs/.simulation"))
+    p.add_argument("--cpus-per-client", type=float, default=1.0)
+    p.add_argument("--gpus-per-client", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=7200)
+    a = p.parse_args(argv)
+    import tomllib
+
+    rc = tomllib.loads("\n".join(shlex.split(a.run_config, posix=False))) if a.run_config else {}
+    run = run_simulation(rc, nodes=a.nodes, workdir=a.workdir, cpus_per_client=a.cpus_per_client,
+                         gpus_per_client=a.gpus_per_client, timeout=a.timeout, echo=True)
+    print(json.dumps({"run_id": run.run_id, "status": run.status, "wall_s": round(run.wall_s, 1),
+                      "log": str(run.log_path), "leftover_pids": run.leftover_pids}))
+    return 0 if run.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

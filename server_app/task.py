@@ -1,0 +1,78 @@
+"""Glue both sides of the federation share: data and model built the same way from a RunConfig."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from data_partition import (PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split,
+                            resolve_source)
+from model import PRESETS, build_model
+from server_app.config import RunConfig
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preprocess_config(cfg: RunConfig) -> PreprocessConfig:
+    preset = PRESETS[cfg.model_preset]
+    return PreprocessConfig(acc_hz=preset.acc_hz, frame_hz=preset.frame_hz)
+
+
+@functools.lru_cache(maxsize=4)
+def _data(source: str | None, pcfg: PreprocessConfig, split_seed: int):
+    src = resolve_source(source)
+    cache = load_cache(src, pcfg)
+    split = paper_split(split_seed)
+    stats = load_split_stats(src, pcfg, split.train)
+    return cache, split, stats
+
+
+def open_data(cfg: RunConfig):
+    """(window cache, split, train-only statistics) — built once per process, memory-mapped after."""
+    return _data(cfg.data_source(), preprocess_config(cfg), cfg.split_seed)
+
+
+def subject_of_partition(cfg: RunConfig, node_config: dict) -> int:
+    """Partition id i ↦ the i-th training subject of the split (a node may also name its subject directly)."""
+    split = paper_split(cfg.split_seed)
+    if "subject" in node_config:
+        subject = int(node_config["subject"])
+        if subject not in split.train:
+            raise ValueError(f"node-config subject {subject} is not a training subject of split-seed "
+                             f"{cfg.split_seed}: {list(split.train)}")
+        return subject
+    if "partition-id" not in node_config:
+        raise ValueError("node-config needs 'partition-id' (or 'subject')")
+    pid = int(node_config["partition-id"])
+    if not 0 <= pid < len(split.train):
+        raise ValueError(f"partition-id {pid} out of range: the split has {len(split.train)} training subjects")
+    return split.train[pid]
+
+
+def dataset(cfg: RunConfig, subjects, *, train: bool, source: str | None = None) -> WindowDataset:
+    if source:
+        cfg = cfg.replace(data_path=source)
+    cache, _, stats = open_data(cfg)
+    return WindowDataset(cache, list(subjects), stats, normalization=cfg.normalization,
+                         augment_sigma=cfg.augment_sigma if train else 0.0, seed=cfg.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _model(preset: str, fusion: str, modalities: tuple[str, ...]):
+    return build_model(preset, fusion=fusion, modalities=modalities)
+
+
+def model_for(cfg: RunConfig) -> torch.nn.Module:
+    """A process-wide model instance; callers load the trainable state they need into it. Everything that
+    changes during training travels in that state, so reuse across rounds is safe."""
+    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list)
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if device().type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
