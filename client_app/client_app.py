@@ -29,25 +29,33 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"subject": subject})}), reply_to=msg)
 
 
+def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, proximal_mu: float = 0.0,
+                  log=print) -> tuple[dict, dict]:
+    """One client's local training from the global trainable state; returns (new state, metrics). Seeded by
+    (seed, round, subject) so a run — or its resumption — repeats the same local steps."""
+    model = task.model_for(cfg)
+    load_trainable_state(model, state)
+    data = task.dataset(cfg, [subject], train=True)
+    seed = cfg.seed * 100_003 + server_round * 101 + subject
+    torch.manual_seed(seed)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    history = fit(model, loader, cfg.train_config(), device=task.device(),
+                  class_weights=class_weights_from_labels(data.labels, 7), proximal_mu=proximal_mu,
+                  log=lambda line: log(f"[subject {subject:02d} round {server_round}] {line}"))
+    last = history[-1]
+    metrics = {"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
+               "num-examples": len(data), "subject": subject}
+    return trainable_state(model), metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, subject = _setup(context)
     config = msg.content["config"]
-    rnd = int(config.get("server-round", 0))
-    model = task.model_for(cfg)
-    load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
-    data = task.dataset(cfg, [subject], train=True)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + rnd * 101 + subject)
-    torch.manual_seed(cfg.seed * 100_003 + rnd * 101 + subject)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-    history = fit(model, loader, cfg.train_config(), device=task.device(),
-                  class_weights=class_weights_from_labels(data.labels, 7),
-                  proximal_mu=float(config.get("proximal-mu", 0.0)),
-                  log=lambda line: print(f"[subject {subject:02d} round {rnd}] {line}", flush=True))
-    last = history[-1]
-    metrics = MetricRecord({"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
-                            "num-examples": len(data), "subject": subject})
-    return Message(RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": metrics}), reply_to=msg)
+    state, metrics = train_subject(cfg, subject, msg.content["arrays"].to_torch_state_dict(),
+                                   int(config.get("server-round", 0)), float(config.get("proximal-mu", 0.0)),
+                                   log=lambda line: print(line, flush=True))
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

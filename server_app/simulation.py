@@ -50,15 +50,16 @@ def federation_config(nodes: int, cpus_per_client: float = 1.0, gpus_per_client:
 
 def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app_dir: Path = REPO_ROOT,
                    cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, timeout: float = 3600,
-                   echo: bool = False, on_progress=None) -> SimulationRun:
+                   echo: bool = False, on_progress=None, marker: str | None = None) -> SimulationRun:
     """Submit one simulation run, wait for its final status, then stop every process it started.
 
     `on_progress(run_id)` is called every few seconds while the run is in progress (tests use it to
-    interrupt a run); returning True stops waiting and tears the federation down.
+    interrupt a run); returning True stops waiting and tears the federation down. Every process started
+    carries `marker` in its environment (`deploy.marked_pids(marker)` finds them, e.g. to measure memory).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    marker = f"sim-{uuid.uuid4().hex[:12]}"
+    marker = marker or f"sim-{uuid.uuid4().hex[:12]}"
     env = base_env(workdir / "flwr-home", marker)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())

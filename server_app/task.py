@@ -19,7 +19,7 @@ def device() -> torch.device:
 
 def preprocess_config(cfg: RunConfig) -> PreprocessConfig:
     preset = PRESETS[cfg.model_preset]
-    return PreprocessConfig(acc_hz=preset.acc_hz, frame_hz=preset.frame_hz)
+    return PreprocessConfig(acc_hz=preset.acc_hz, frame_hz=preset.frame_hz, window_s=preset.window_s)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,83 @@
+"""End to end under the real Ray simulation engine: `flwr run` of the real ServerApp and ClientApp on the real
+MEx data (tiny preset), final status read from the SuperLink, every process stopped by PID afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server_app.deploy import DeployError, marked_pids
+from server_app.simulation import run_simulation
+
+TINY = {"model-preset": "tiny", "local-epochs": 2, "batch-size": 16, "grad-accum": 1, "lr": 3e-3}
+
+
+def _config(mex_path: Path, out: Path, **kw) -> dict:
+    return {**TINY, "data-path": str(mex_path), "output-dir": str(out), **kw}
+
+
+def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
+    run = run_simulation(_config(mex_path, tmp_path / "out", **{"num-server-rounds": 3, "clients-per-round": 3,
+                                                                 "run-name": "e2e"}),
+                         nodes=3, workdir=tmp_path / "sim", timeout=900)
+    assert run.ok, f"run status {run.status}; log tail:\n{run.log()[-4000:]}"
+    assert run.leftover_pids == []
+    assert not marked_pids(run.log_path.parent.name)  # nothing carrying our marker is left
+
+    run_dir = tmp_path / "out" / "e2e"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    for r in results["rounds"]:
+        assert sorted(r["trained"]) == [2, 3, 6]  # partition ids 0..2 = the first three training subjects
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["failures"] == []
+    best = results["best_round"]
+    assert best == max(results["rounds"], key=lambda r: r["val_weighted_f1"])["round"]
+    assert results["test"]["subjects"] == [1, 4, 8, 9, 21, 24]
+    assert results["test"]["accuracy"] > 1 / 7 + 0.1, results["test"]  # clearly above chance (7 classes)
+    for name in ("learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 1000
+    assert (run_dir / "best_model.safetensors").exists()
+    assert "[round 3/3]" in run.log()
+
+
+def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
+    common = {"num-server-rounds": 4, "clients-per-round": 2, "local-epochs": 1, "patience": 0}
+    full = run_simulation(_config(mex_path, tmp_path / "out", **common, **{"run-name": "full"}), nodes=4,
+                          workdir=tmp_path / "sim-full", timeout=900)
+    assert full.ok, full.log()[-3000:]
+
+    state = tmp_path / "out" / "killed" / "checkpoint" / "state.json"
+
+    def kill_after_round_2(run_id: int) -> bool:
+        return state.exists() and json.loads(state.read_text())["round"] >= 2
+
+    killed = run_simulation(_config(mex_path, tmp_path / "out", **common, **{"run-name": "killed"}), nodes=4,
+                            workdir=tmp_path / "sim-killed", timeout=900, on_progress=kill_after_round_2)
+    assert killed.status.startswith("interrupted"), killed.status
+    assert killed.leftover_pids == []
+    done = json.loads(state.read_text())["round"]
+    assert 2 <= done < 4
+
+    resumed = run_simulation(_config(mex_path, tmp_path / "out", **common,
+                                     **{"resume": str(tmp_path / "out" / "killed")}), nodes=4,
+                             workdir=tmp_path / "sim-resumed", timeout=900)
+    assert resumed.ok, resumed.log()[-3000:]
+    a = json.loads((tmp_path / "out" / "full" / "results.json").read_text())
+    b = json.loads((tmp_path / "out" / "killed" / "results.json").read_text())
+    assert [r["round"] for r in b["rounds"]] == [1, 2, 3, 4]
+    assert [r["clients"] for r in b["rounds"]] == [r["clients"] for r in a["rounds"]]
+    assert b["status"] == "completed" and b["test"] is not None and b["resumed_at"]
+
+
+def test_bad_run_config_fails_before_training_naming_the_key(mex_path, tmp_path):
+    with pytest.raises(DeployError, match="no-such-key"):  # Flower refuses keys pyproject does not declare
+        run_simulation(_config(mex_path, tmp_path / "out", **{"no-such-key": 1}), nodes=2,
+                       workdir=tmp_path / "sim-unknown", timeout=120)
+    run = run_simulation(_config(mex_path, tmp_path / "out", **{"lr": "fast", "run-name": "bad"}), nodes=2,
+                         workdir=tmp_path / "sim-typed", timeout=300)
+    assert run.status == "finished:failed", run.status
+    assert "'lr' must be of type float" in run.log()
+    assert not (tmp_path / "out" / "bad").exists()  # nothing trained, nothing written
