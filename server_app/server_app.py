@@ -69,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = {k: test[k] for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}
     path = store.finish(status=status, best_arrays=best, test={
         **summary, "subjects": list(split.test), "num_examples": len(test["labels"]),
-        "report": test["report"], "confusion_matrix": test["confusion_matrix"],
+        "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
     }, extra={"model": {"trainable_bytes": initial.count_bytes(),
                         "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))}})
     write_plots(store.path, store.results, test)
