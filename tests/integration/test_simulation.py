@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from server_app.config import ConfigError
 from server_app.deploy import DeployError, marked_pids
 from server_app.simulation import run_simulation
 
@@ -36,7 +37,10 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
     best = results["best_round"]
     assert best == max(results["rounds"], key=lambda r: r["val_weighted_f1"])["round"]
     assert results["test"]["subjects"] == [1, 4, 8, 9, 21, 24]
-    assert results["test"]["accuracy"] > 1 / 7 + 0.1, results["test"]  # clearly above chance (7 classes)
+    # above chance (7 near-balanced classes) by more than 4 binomial standard deviations on the test windows
+    n, chance = results["test"]["num_examples"], 1 / 7
+    assert results["test"]["accuracy"] > chance + 4 * (chance * (1 - chance) / n) ** 0.5, results["test"]
+    assert max(r["val_accuracy"] for r in results["rounds"]) > 0.25
     for name in ("learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000
     assert (run_dir / "best_model.safetensors").exists()
@@ -73,11 +77,15 @@ def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
 
 
 def test_bad_run_config_fails_before_training_naming_the_key(mex_path, tmp_path):
-    with pytest.raises(DeployError, match="no-such-key"):  # Flower refuses keys pyproject does not declare
+    with pytest.raises(ConfigError, match="unknown run-config key 'no-such-key'"):
         run_simulation(_config(mex_path, tmp_path / "out", **{"no-such-key": 1}), nodes=2,
                        workdir=tmp_path / "sim-unknown", timeout=120)
+    with pytest.raises(DeployError, match="Invalid run configuration"):  # what plain `flwr run` answers
+        run_simulation(_config(mex_path, tmp_path / "out", **{"no-such-key": 1}), nodes=2,
+                       workdir=tmp_path / "sim-unknown2", timeout=120, validate=False)
+    # a declared key with a wrong type reaches the ServerApp, which fails the run before any training
     run = run_simulation(_config(mex_path, tmp_path / "out", **{"lr": "fast", "run-name": "bad"}), nodes=2,
-                         workdir=tmp_path / "sim-typed", timeout=300)
+                         workdir=tmp_path / "sim-typed", timeout=300, validate=False)
     assert run.status == "finished:failed", run.status
     assert "'lr' must be of type float" in run.log()
     assert not (tmp_path / "out" / "bad").exists()  # nothing trained, nothing written
