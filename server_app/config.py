@@ -38,6 +38,8 @@ class RunConfig:
     # federation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    num_malicious: int = 1
     split_seed: int = 42
     seed: int = 0
     min_train_replies: int = 1
@@ -87,7 +89,9 @@ class RunConfig:
         for name in ("lr", "round_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "proximal_mu", "augment_sigma"):
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"run-config key 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
+        for name in ("weight_decay", "proximal_mu", "augment_sigma", "num_malicious"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, got {getattr(self, name)}")
         if self.patience < 0:

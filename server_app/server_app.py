@@ -59,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = build_strategy(cfg.strategy, clients_per_round=cfg.clients_per_round, patience=cfg.patience,
                               split_seed=cfg.split_seed, train_subjects=list(split.train),
-                              min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu, store=store)
+                              min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu,
+                              trim_beta=cfg.trim_beta, num_malicious=cfg.num_malicious, store=store)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
 

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Result
 
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
 
@@ -152,6 +152,10 @@ class MagnetFedAvg(FedAvg):
     def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
         return [float(r.num_examples) for r in replies]
 
+    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
+        """New global trainable state from the successful replies (both lists in subject order)."""
+        return weighted_average([r.state for r in replies], self.aggregation_weights(replies))
+
     def summary(self) -> None:
         log(INFO, "\t├──> %s: %d clients per round, patience %d", type(self).__name__,
             self.clients_per_round, self.early_stopping.patience)
@@ -196,14 +200,15 @@ class MagnetFedAvg(FedAvg):
         bytes_down = arrays.count_bytes() * len(msgs)
         t0 = time.time()
         raw = list(grid.send_and_receive(msgs, timeout=timeout))
-        replies, failures = [], []
+        replies, failures, ok_messages = [], [], []
         answered = set()
-        for m in raw:
+        for m in sorted(raw, key=lambda m: self.subject_of_node.get(m.metadata.src_node_id, -1)):
             subject = self.subject_of_node.get(m.metadata.src_node_id, -1)
             answered.add(subject)
             if m.has_error():
                 failures.append({"subject": subject, "reason": str(m.error.reason)})
                 continue
+            ok_messages.append(m)
             rec = m.content["arrays"]
             met = dict(_metrics(m))
             replies.append(ClientReply(subject, int(met["num-examples"]), arrays_to_numpy(rec),
@@ -217,8 +222,7 @@ class MagnetFedAvg(FedAvg):
         if len(replies) < self.min_train_replies:
             raise FederationError(f"round {server_round}: {len(replies)} successful replies, fewer than "
                                   f"min-train-replies={self.min_train_replies}; failures: {failures}")
-        replies.sort(key=lambda r: r.subject)
-        new_state = weighted_average([r.state for r in replies], self.aggregation_weights(replies))
+        new_state = self.aggregate(server_round, replies, ok_messages)
         n = sum(r.num_examples for r in replies)
         info = {
             "clients": subjects,
@@ -297,7 +301,51 @@ class MagnetFedProx(MagnetFedAvg):
         return {"proximal-mu": float(self.proximal_mu)}
 
 
-STRATEGIES: dict[str, type[MagnetFedAvg]] = {cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx)}
+class _FlowerRobust(MagnetFedAvg):
+    """Byzantine-robust aggregation delegated to Flower's own strategy of the same name (its
+    `aggregate_train` on the round's successful replies); sampling, validation, early stopping and
+    checkpoints stay ours."""
+
+    def __init__(self, *, flower_strategy: FedAvg, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.flower_strategy = flower_strategy
+
+    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
+        arrays, _ = self.flower_strategy.aggregate_train(server_round, messages)
+        if arrays is None:
+            raise FederationError(f"round {server_round}: {type(self.flower_strategy).__name__} returned nothing")
+        return arrays_to_numpy(arrays)
+
+
+class MagnetFedMedian(_FlowerRobust):
+    """Coordinate-wise median (Flower's FedMedian)."""
+
+    name = "fedmedian"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(flower_strategy=FedMedian(), **kwargs)
+
+
+class MagnetFedTrimmedAvg(_FlowerRobust):
+    """Coordinate-wise trimmed mean, cutting `trim-beta` of the replies at each end (Flower's FedTrimmedAvg)."""
+
+    name = "fedtrimmedavg"
+
+    def __init__(self, *, trim_beta: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(flower_strategy=FedTrimmedAvg(beta=trim_beta), **kwargs)
+
+
+class MagnetKrum(_FlowerRobust):
+    """Krum: the reply closest to its n − f − 2 neighbours, f = `num-malicious` (Flower's Krum)."""
+
+    name = "krum"
+
+    def __init__(self, *, num_malicious: int = 1, **kwargs: Any) -> None:
+        super().__init__(flower_strategy=Krum(num_malicious_nodes=num_malicious), **kwargs)
+
+
+STRATEGIES: dict[str, type[MagnetFedAvg]] = {
+    cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx, MagnetFedMedian, MagnetFedTrimmedAvg, MagnetKrum)}
 
 
 def build_strategy(name: str, **kwargs: Any) -> MagnetFedAvg:

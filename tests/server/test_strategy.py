@@ -169,3 +169,26 @@ def test_fedprox_sends_mu_and_registry_builds_by_name(tmp_path):
     assert all(m.content["config"]["proximal-mu"] == 0.1 for m in grid.sent if m.metadata.message_type == "train")
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("nope")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fedmedian", 2.5),        # median of 1, 2, 3, 100
+    ("fedtrimmedavg", 2.5),    # beta 0.25 of 4 cuts one at each end: mean of 2, 3
+    ("krum", None),            # the reply closest to its neighbours; never the outlier
+])
+def test_robust_aggregation_resists_an_outlier(name, expected):
+    subjects = [2, 3, 6, 7]
+    value = {2: 1.0, 3: 2.0, 6: 3.0, 7: 100.0}
+    grid = ScriptedGrid(subjects, lambda s, m: reply(value[s], 10))
+    strat = build_strategy(name, clients_per_round=4, patience=1, split_seed=42, train_subjects=subjects,
+                           trim_beta=0.25, num_malicious=1)
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
+                                                               "b": np.zeros(1, np.float32)}),
+                                     _empty_config(), timeout=5)
+    out = arrays_to_numpy(arrays)
+    if name == "krum":
+        assert out["w"][0, 0] in (1.0, 2.0, 3.0)  # one honest reply, as is (ties between them are fine)
+    else:
+        np.testing.assert_allclose(out["w"], expected)
+    assert info["trained"] == subjects
