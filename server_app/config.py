@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 MODALITIES = ("act", "acw", "dc", "pm")
@@ -126,11 +125,6 @@ class RunConfig:
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
                            patience=self.patience)
-
-    def run_dir(self) -> Path:
-        if self.resume:
-            return Path(self.resume).expanduser().resolve()
-        return (Path(self.output_dir).expanduser() / self.run_name).resolve()
 
 
 def _key(name: str) -> str:

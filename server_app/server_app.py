@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -45,8 +46,8 @@ def main(grid: Grid, context: Context) -> None:
     task.set_threads(cfg)
     torch.manual_seed(cfg.seed)
     cache, split, _ = task.open_data(cfg)  # builds the window cache once, before any client needs it
-    store = RunStore(cfg.run_dir() if cfg.resume else cfg.run_dir().parent / run_name(cfg),
-                     cfg.to_run_config(), resume=bool(cfg.resume))
+    path = Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / run_name(cfg)
+    store = RunStore(path.expanduser().resolve(), cfg.to_run_config(), resume=bool(cfg.resume))
     log(INFO, "run directory: %s", store.path)
 
     model = task.model_for(cfg)
