@@ -36,9 +36,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 STATE_FILE = "deploy-state.json"
 DEFAULT_CONNECTION = "fedtime"
@@ -154,7 +155,7 @@ def make_certs(
 
     pem = serialization.Encoding.PEM
     nokey = serialization.NoEncryption()
-    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+    now = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedTime-MAGNET CA")])
 
@@ -548,7 +549,7 @@ class Deployment:
         tmp.replace(self.state_path)
 
     @classmethod
-    def load(cls, workdir: Path) -> "Deployment":
+    def load(cls, workdir: Path) -> Deployment:
         path = Path(workdir) / STATE_FILE
         if not path.exists():
             raise DeployError(f"no {STATE_FILE} in {workdir}: nothing was brought up there")
@@ -798,8 +799,10 @@ def up(
             raise DeployError(f"{workdir} already has a running deployment; run `down` first")
     if auth and not tls:
         raise DeployError("--auth needs TLS (Flower refuses SuperNode auth on --insecure)")
-    port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
     dial_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if port and port_in_use(port, dial_host):
+        raise DeployError(f"port {port} is already in use on {dial_host}; pick another --port (or none: a free one)")
+    port = port or free_port(dial_host)
     address = f"[{dial_host}]:{port}" if ":" in dial_host else f"{dial_host}:{port}"
     if database and database != ":flwr-in-memory-state:":
         db = Path(database)

@@ -1,0 +1,168 @@
+"""The multimodal network and the model registry (``build_model``)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import (
+    ACC_CHANNELS,
+    ACC_MODALITIES,
+    FRAME_MODALITIES,
+    FRAME_SHAPES,
+    MODALITIES,
+    NUM_CLASSES,
+    ModelConfig,
+    get_config,
+)
+from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder
+from .fusion import MAGNET, AttentionFusion, ConcatFusion
+
+
+class HierarchicalClassifier(nn.Sequential):
+    """Progressively smaller layers: Linear -> GELU -> BatchNorm -> Dropout per hidden layer, then
+    Linear to the classes (paper: 512 -> 512 -> 256 -> 128 -> 7)."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int], dropouts: Sequence[float], num_classes: int):
+        layers: list[nn.Module] = []
+        for h, p in zip(hidden, dropouts, strict=True):
+            layers += [nn.Linear(d_in, h), nn.GELU(), nn.BatchNorm1d(h), nn.Dropout(p)]
+            d_in = h
+        layers.append(nn.Linear(d_in, num_classes))
+        super().__init__(*layers)
+
+
+def _encoder(kind: str, cfg: ModelConfig, modality: str) -> nn.Module:
+    if kind == "lstm":
+        if modality in ACC_MODALITIES:
+            return LSTMEncoder(cfg, ACC_CHANNELS)
+        pool = tuple(getattr(cfg, f"{modality}_pool"))
+        h, w = FRAME_SHAPES[modality]
+        return LSTMEncoder(cfg, (h // pool[0]) * (w // pool[1]), pool)
+    if modality in ACC_MODALITIES:
+        return TimeSeriesEncoder(cfg, modality, ACC_CHANNELS)
+    return DartCNN(cfg, modality)
+
+
+# fusion name -> (encoder kind, fusion class, modalities it can use or None for all)
+FUSIONS: dict[str, tuple[str, type[nn.Module], tuple[str, ...] | None]] = {
+    "magnet": ("default", MAGNET, None),
+    "concat": ("default", ConcatFusion, None),
+    "attention": ("default", AttentionFusion, None),
+    "lstm": ("lstm", ConcatFusion, None),
+    "dart": ("default", ConcatFusion, FRAME_MODALITIES),
+}
+
+
+class MultimodalHAR(nn.Module):
+    """Per-modality encoders -> missing-modality tokens -> fusion -> hierarchical classifier.
+
+    ``forward(batch)`` takes the batch dict of the data contract (``batch["mask"]`` bool ``[B, 4]``
+    in ``MODALITIES`` order; all-present when absent) and returns ``(logits [B, C], aux_loss)``.
+    An absent modality's embedding is replaced by a learned per-modality token; its encoder only
+    runs on the samples that have it, and the fusion masks it out (graph neighbours, pooling).
+    """
+
+    def __init__(self, cfg: ModelConfig, fusion: str, modalities: Sequence[str], num_classes: int):
+        super().__init__()
+        enc_kind, fusion_cls, allowed = FUSIONS[fusion]
+        mods = [m for m in MODALITIES if m in modalities]
+        if allowed is not None:
+            mods = [m for m in mods if m in allowed]
+        if not mods:
+            raise ValueError(f"fusion {fusion!r} has no usable modality among {tuple(modalities)}")
+        self.cfg, self.fusion_name, self.num_classes = cfg, fusion, num_classes
+        self.modalities = tuple(mods)
+        self.register_buffer(
+            "modality_index", torch.tensor([MODALITIES.index(m) for m in mods]), persistent=False
+        )
+        self.encoders = nn.ModuleDict({m: _encoder(enc_kind, cfg, m) for m in mods})
+        self.missing_tokens = nn.ParameterDict(
+            {m: nn.Parameter(torch.randn(cfg.d_emb) * 0.02) for m in mods}
+        )
+        self.fusion = fusion_cls(cfg, len(mods))
+        self.classifier = HierarchicalClassifier(
+            self.fusion.out_dim, cfg.cls_hidden, cfg.cls_dropout, num_classes
+        )
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Modality embeddings ``[B, M, d]`` (absent ones = learned tokens) and presence ``[B, M]``."""
+        first = batch[self.modalities[0]]
+        b = first.shape[0]
+        mask = batch.get("mask")
+        if mask is None:
+            present = torch.ones(b, len(self.modalities), dtype=torch.bool, device=first.device)
+        else:
+            present = mask.to(device=first.device, dtype=torch.bool).index_select(1, self.modality_index.to(first.device))
+        embs = []
+        for j, m in enumerate(self.modalities):
+            token = self.missing_tokens[m].unsqueeze(0).expand(b, -1)
+            p = present[:, j]
+            x = batch[m]
+            if x.dtype != torch.float32:
+                x = x.float()
+            if bool(p.all()):
+                e = self.encoders[m](x).float()
+            elif bool(p.any()):
+                idx = p.nonzero(as_tuple=True)[0]
+                e = token.index_copy(0, idx, self.encoders[m](x.index_select(0, idx)).float())
+            else:
+                e = token
+            embs.append(e)
+        return torch.stack(embs, dim=1), present
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        e, present = self.embed(batch)
+        feats, aux = self.fusion(e, present)
+        return self.classifier(feats), aux
+
+
+def build_model(
+    preset: "str | ModelConfig" = "compact",
+    fusion: str = "magnet",
+    modalities: Iterable[str] | str = MODALITIES,
+    num_classes: int = NUM_CLASSES,
+    *,
+    seed: int | None = None,
+    **overrides,
+) -> MultimodalHAR:
+    """Build a model by preset and fusion name.
+
+    ``fusion`` is one of ``FUSIONS``: ``magnet`` (Time-MAGNET), ``concat``, ``attention``, ``lstm``
+    (LSTM encoders + concatenation), ``dart`` (DART-CNN on the frame modalities alone).
+    ``modalities`` is any subset of ``MODALITIES`` (a tuple or ``"act,acw,pm"``); encoders are built
+    only for those. Frozen T5 base weights come from ``cfg.base_seed`` whatever the global RNG state.
+    With ``seed``, the trainable initialisation is seeded too (and the global RNG is left untouched);
+    without it, it follows the caller's global RNG. ``overrides`` replace ModelConfig fields.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose from {sorted(FUSIONS)}")
+    if isinstance(modalities, str):
+        modalities = [m.strip() for m in modalities.split(",") if m.strip()]
+    modalities = tuple(modalities)
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+    cfg = get_config(preset, **overrides)
+    if seed is None:
+        return MultimodalHAR(cfg, fusion, modalities, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+def parameter_breakdown(model: MultimodalHAR) -> dict[str, dict[str, int]]:
+    parts = {f"encoder.{m}": enc for m, enc in model.encoders.items()}
+    parts["fusion"] = model.fusion
+    parts["classifier"] = model.classifier
+    out = {k: count_parameters(v) for k, v in parts.items()}
+    out["missing_tokens"] = {"total": sum(p.numel() for p in model.missing_tokens.values())}
+    return out

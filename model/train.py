@@ -1,0 +1,156 @@
+"""Centralized training + evaluation on the paper split (21 train / 3 val / 6 test subjects).
+
+    python -m model.train --preset compact --fusion magnet --modalities act,acw,dc,pm --seed 0 \
+        --epochs 20 --data-path /path/to/MEx.zip --output-dir outputs/central
+
+Trains on the training subjects, selects the epoch on the validation subjects (early stopping
+restores the best), evaluates the test subjects once, and writes ``<output-dir>/<run>/``:
+``results.json``, ``best_model.safetensors``, ``learning_curves.png``, ``confusion_matrix.png``,
+``pr_curves.png``. The input rates come from the model preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import MODALITIES, get_config
+from .network import build_model, count_parameters
+from .plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
+from .state import save_checkpoint, state_nbytes, trainable_state
+from .training import TrainConfig, class_weights_from_labels, evaluate, fit, jsonable_metrics
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="compact", help="paper | compact | tiny")
+    ap.add_argument("--fusion", default="magnet", help="magnet | concat | attention | lstm | dart")
+    ap.add_argument("--modalities", default=",".join(MODALITIES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=42)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--data-path", default=None, help="MEx zip or folder (default: $FEDTIME_DATA_PATH or download)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--output-dir", default="outputs/central")
+    ap.add_argument("--run-name", default=None, help="default: <preset>-<fusion>-<modalities>-s<seed>")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=6)
+    ap.add_argument("--patience", type=int, default=6)
+    ap.add_argument("--monitor", default="weighted_f1", help="validation metric: weighted_f1 | accuracy | macro_f1 | loss")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--augment-sigma", type=float, default=0.0, help="training-only Gaussian noise on act/acw")
+    ap.add_argument("--normalization", default="global", choices=["global", "per_window"])
+    ap.add_argument("--no-class-weights", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke runs)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    return ap.parse_args(argv)
+
+
+def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int):
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+                      persistent_workers=workers > 0)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from data_partition import PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    mods = tuple(m for m in MODALITIES if m in {s.strip() for s in args.modalities.split(",")})
+    cfg = get_config(args.preset)
+    run = args.run_name or f"{args.preset}-{args.fusion}-{'+'.join(mods)}-s{args.seed}"
+    out = Path(args.output_dir) / run
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    t0 = time.perf_counter()
+    pre = PreprocessConfig(acc_hz=cfg.acc_hz, frame_hz=cfg.frame_hz, window_s=cfg.window_s)
+    split = paper_split(args.split_seed)
+    cache = load_cache(args.data_path, pre, args.cache_dir)
+    stats = load_split_stats(args.data_path, pre, split.train, cache_dir=args.cache_dir) if args.normalization == "global" else None
+    train_ds = WindowDataset(cache, split.train, stats, normalization=args.normalization,
+                             augment_sigma=args.augment_sigma, seed=args.seed)
+    val_ds = WindowDataset(cache, split.val, stats, normalization=args.normalization)
+    test_ds = WindowDataset(cache, split.test, stats, normalization=args.normalization)
+    t_data = time.perf_counter() - t0
+    print(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test windows "
+          f"(acc {cfg.acc_hz:g} Hz, frames {cfg.frame_hz:g} Hz) in {t_data:.1f}s", flush=True)
+
+    model = build_model(cfg, args.fusion, mods, seed=args.seed)
+    pc = count_parameters(model)
+    ts_bytes = state_nbytes(trainable_state(model))
+    print(f"model: {args.preset}/{args.fusion} on {'+'.join(model.modalities)}: {pc['total']:,} params, "
+          f"{pc['trainable']:,} trainable; trainable state {ts_bytes:,} bytes; device {device}", flush=True)
+    cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
+    tc = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     epochs=args.epochs, patience=args.patience, monitor=args.monitor,
+                     label_smoothing=args.label_smoothing, max_batches_per_epoch=args.max_batches, seed=args.seed)
+    train_loader = _loader(train_ds, args.batch_size, True, args.seed, args.workers)
+    val_loader = _loader(val_ds, 64, False, 0, args.workers)
+    test_loader = _loader(test_ds, 64, False, 0, args.workers)
+
+    t1 = time.perf_counter()
+    history = fit(model, train_loader, tc, device=device, class_weights=cw, val_loader=val_loader,
+                  log=lambda s: print(s, flush=True))
+    t_train = time.perf_counter() - t1
+    val = evaluate(model, val_loader, device)
+    test = evaluate(model, test_loader, device)
+    print(f"best epoch {history[-1].get('best_epoch')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "
+          f"wF1 {test['weighted_f1']:.4f} mF1 {test['macro_f1']:.4f} (n={test['n']})", flush=True)
+
+    title = f"{args.preset}/{args.fusion} {'+'.join(model.modalities)} seed {args.seed}"
+    plot_learning_curves(history, out / "learning_curves.png", title)
+    plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png", title=f"test: {title}")
+    plot_pr_curves(test["labels"], test["probabilities"], out / "pr_curves.png", title=f"test: {title}")
+    meta = {"run": run, "best_epoch": history[-1].get("best_epoch"), "val_weighted_f1": val["weighted_f1"],
+            "test_weighted_f1": test["weighted_f1"]}
+    save_checkpoint(out / "best_model.safetensors", model, meta)
+
+    results = {
+        "schema": "fedtime-magnet/central-v1",
+        "run": run,
+        "mode": "centralized",
+        "command": "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "model": {"preset": args.preset, "fusion": args.fusion, "modalities": list(model.modalities),
+                  "config": cfg.to_dict(), "params": pc, "bytes_trainable_state": ts_bytes},
+        "train_config": tc.to_dict(),
+        "preprocess": asdict(pre),
+        "split": split.to_dict(),
+        "windows": {"train": len(train_ds), "val": len(val_ds), "test": len(test_ds)},
+        "class_weights": None if cw is None else cw.tolist(),
+        "history": history,
+        "best_epoch": history[-1].get("best_epoch"),
+        "val": jsonable_metrics(val),
+        "test": jsonable_metrics(test),
+        "timing_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},
+        "env": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                "python": platform.python_version(), "host_cpus": os.cpu_count()},
+        "artifacts": ["results.json", "best_model.safetensors", "learning_curves.png", "confusion_matrix.png", "pr_curves.png"],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"wrote {out}/results.json", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The one training / evaluation loop, used by the centralized trainer and by the Flower ClientApp."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .state import load_trainable_state, trainable_state
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 8  # for whoever builds the loader; fit uses the loader's batches as given
+    grad_accum: int = 6  # optimizer step every N batches; a leftover partial group is stepped
+    epochs: int = 10
+    patience: int = 6  # early stopping on validation (epochs without strict improvement)
+    clip: float = 1.0  # max grad norm (0 = off)
+    aux_weight: float = 0.01  # lambda for the MoE load-balancing loss returned by forward
+    lr_factor: float = 0.5  # ReduceLROnPlateau on the validation monitor
+    lr_patience: int = 3
+    min_lr: float = 1e-6
+    monitor: str = "weighted_f1"  # validation metric for the scheduler and early stopping
+    amp: str = "auto"  # auto = fp16 autocast + GradScaler on CUDA, off on CPU; or "bf16", "fp16", "off"
+    label_smoothing: float = 0.0
+    max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
+    seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+def class_weights_from_labels(labels: "Sequence[int] | np.ndarray | torch.Tensor", num_classes: int) -> torch.Tensor:
+    """Balanced weights ``n / (k * count_c)`` from the LOCAL training labels (k = classes present);
+    classes absent locally get weight 0 (they never occur as targets there)."""
+    y = torch.as_tensor(np.array(labels, dtype=np.int64)).flatten()
+    counts = torch.bincount(y, minlength=num_classes).double()[:num_classes]
+    present = counts > 0
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    if present.any():
+        w[present] = y.numel() / (present.sum() * counts[present])
+    return w.float()
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx term ``mu/2 * sum ||w - w_global||^2``; its gradient is ``mu * (w - w_global)``."""
+    total = None
+    for p, a in zip(params, anchor, strict=True):
+        s = (p - a).pow(2).sum()
+        total = s if total is None else total + s
+    if total is None:
+        return torch.zeros(())
+    return 0.5 * mu * total
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    mode = mode.lower()
+    if mode == "off":
+        return None, False
+    if mode == "auto":
+        return (torch.float16, True) if device.type == "cuda" else (None, False)
+    if mode == "bf16":
+        return torch.bfloat16, False
+    if mode == "fp16":
+        return torch.float16, device.type == "cuda"
+    raise ValueError(f"amp must be auto|bf16|fp16|off, got {mode!r}")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+_MINIMIZE = {"loss"}
+
+
+def _adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # fused AdamW (one kernel for all tensors) is markedly faster on CPU for many small tensors
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[dict],
+    cfg: TrainConfig,
+    *,
+    device: "torch.device | str",
+    class_weights: torch.Tensor | None = None,
+    val_loader: Iterable[dict] | None = None,
+    proximal_mu: float = 0.0,
+    log: Callable[[str], None] | None = print,
+) -> list[dict]:
+    """Train ``model`` in place; returns one history dict per epoch.
+
+    AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
+    ``cfg.aux_weight`` * aux + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
+    parameters at the start of this call); gradient accumulation with clipping; mixed precision on
+    CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the best
+    epoch's trainable state (parameters + BatchNorm statistics) is restored at the end.
+    """
+    device = torch.device(device)
+    log = log or (lambda s: None)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _adamw(params, cfg)
+    maximize = cfg.monitor not in _MINIMIZE
+    sched = None
+    if val_loader is not None:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max" if maximize else "min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
+        )
+    amp_dtype, use_scaler = _amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    weight = class_weights.to(device=device, dtype=torch.float32) if class_weights is not None else None
+    skip_single = _has_batchnorm(model)
+    accum = max(1, int(cfg.grad_accum))
+
+    def optimizer_step(pending: int) -> None:
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if pending != accum:  # leftover group: rescale to a mean over the batches it holds
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(accum / pending)
+        if cfg.clip and cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    history: list[dict] = []
+    best_score, best_epoch, best_state, bad = None, None, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        n = correct = 0
+        sum_ce = sum_aux = sum_prox = 0.0
+        steps = pending = skipped = 0
+        opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(train_loader):
+            if cfg.max_batches_per_epoch is not None and i >= cfg.max_batches_per_epoch:
+                break
+            batch = move_batch(batch, device)
+            y = batch["y"]
+            if skip_single and y.shape[0] < 2:
+                skipped += 1  # BatchNorm cannot train on a single sample
+                continue
+            with _autocast(device, amp_dtype):
+                logits, aux = model(batch)
+            ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+            loss = ce + cfg.aux_weight * aux.float()
+            if anchor is not None:
+                prox = proximal_term(params, anchor, proximal_mu)
+                loss = loss + prox
+                sum_prox += float(prox.detach()) * y.shape[0]
+            loss = loss / accum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            pending += 1
+            if pending == accum:
+                optimizer_step(pending)
+                pending = 0
+                steps += 1
+            bs = y.shape[0]
+            n += bs
+            sum_ce += float(ce.detach()) * bs
+            sum_aux += float(aux.detach()) * bs
+            correct += int((logits.detach().argmax(-1) == y).sum())
+        if pending:
+            optimizer_step(pending)
+            steps += 1
+        train_time = time.perf_counter() - t0
+        rec = {
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox) / max(n, 1),
+            "train_ce": sum_ce / max(n, 1),
+            "train_aux": sum_aux / max(n, 1),
+            "train_accuracy": correct / max(n, 1),
+            "train_samples": n,
+            "optimizer_steps": steps,
+            "skipped_batches": skipped,
+            "train_time_s": train_time,
+            "train_windows_per_s": n / train_time if train_time > 0 else float("nan"),
+        }
+        if proximal_mu > 0:
+            rec["train_prox"] = sum_prox / max(n, 1)
+        line = (
+            f"epoch {epoch}/{cfg.epochs} train loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
+            f"aux {rec['train_aux']:.4f}) acc {rec['train_accuracy']:.3f}"
+        )
+        stop = False
+        if val_loader is not None:
+            vm = evaluate(model, val_loader, device, amp=cfg.amp)
+            for k in ("loss", "accuracy", "weighted_f1", "macro_f1"):
+                rec[f"val_{k}"] = vm[k]
+            score = vm[cfg.monitor]
+            improved = best_score is None or (score > best_score if maximize else score < best_score)
+            if improved:
+                best_score, best_epoch, bad = score, epoch, 0
+                best_state = trainable_state(model)
+            else:
+                bad += 1
+            sched.step(score)
+            rec["best_epoch"] = best_epoch
+            line += (
+                f" | val loss {vm['loss']:.4f} acc {vm['accuracy']:.3f} wF1 {vm['weighted_f1']:.3f}"
+                f" mF1 {vm['macro_f1']:.3f}{' *' if improved else ''}"
+            )
+            stop = bad >= cfg.patience
+        rec["epoch_time_s"] = time.perf_counter() - t0
+        line += f" | lr {rec['lr']:.1e} | {rec['epoch_time_s']:.1f}s ({rec['train_windows_per_s']:.0f} win/s)"
+        history.append(rec)
+        log(line)
+        if stop:
+            log(f"early stopping after epoch {epoch}: no {cfg.monitor} gain for {cfg.patience} epochs")
+            break
+    if best_state is not None:
+        load_trainable_state(model, best_state)
+        if best_epoch != history[-1]["epoch"]:
+            log(f"restored epoch {best_epoch} (best val {cfg.monitor} {best_score:.4f})")
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[dict], device: "torch.device | str", *, amp: str = "auto"):
+    """(logits float32 [N, C], labels int64 [N], mean aux) over a loader, in eval mode."""
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    amp_dtype, _ = _amp(amp, device)
+    logits_all, labels_all, aux_sum, n = [], [], 0.0, 0
+    for batch in loader:
+        batch = move_batch(batch, device)
+        with _autocast(device, amp_dtype):
+            logits, aux = model(batch)
+        logits_all.append(logits.float().cpu())
+        labels_all.append(batch["y"].cpu())
+        aux_sum += float(aux) * batch["y"].shape[0]
+        n += batch["y"].shape[0]
+    model.train(was_training)
+    if not logits_all:
+        raise ValueError("empty loader")
+    return torch.cat(logits_all), torch.cat(labels_all), aux_sum / max(n, 1)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> dict:
+    from sklearn.metrics import (
+        accuracy_score,
+        classification_report,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
+
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    k = num_classes or probs.shape[1]
+    pred = probs.argmax(1)
+    cls = list(range(k))
+    return {
+        "n": int(labels.shape[0]),
+        "accuracy": float(accuracy_score(labels, pred)),
+        "weighted_f1": float(f1_score(labels, pred, labels=cls, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(labels, pred, labels=cls, average="macro", zero_division=0)),
+        "weighted_precision": float(precision_score(labels, pred, labels=cls, average="weighted", zero_division=0)),
+        "weighted_recall": float(recall_score(labels, pred, labels=cls, average="weighted", zero_division=0)),
+        "per_class": classification_report(labels, pred, labels=cls, output_dict=True, zero_division=0),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=cls).tolist(),
+        "predictions": pred,
+        "probabilities": probs,
+        "labels": labels,
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict],
+    device: "torch.device | str",
+    class_weights: torch.Tensor | None = None,
+    *,
+    amp: str = "auto",
+) -> dict:
+    """Loss (CE, class-weighted if given), accuracy, weighted/macro F1, weighted precision/recall,
+    per-class report, confusion matrix, and the probabilities / labels / predictions (numpy)."""
+    logits, labels, aux = predict(model, loader, device, amp=amp)
+    w = class_weights.float() if class_weights is not None else None
+    loss = float(F.cross_entropy(logits, labels, weight=w))
+    out = classification_metrics(labels.numpy(), torch.softmax(logits, -1).numpy(), logits.shape[1])
+    out["loss"] = loss
+    out["aux_loss"] = aux
+    return out
+
+
+def jsonable_metrics(metrics: dict, *, arrays: bool = False) -> dict:
+    """A JSON-ready copy of :func:`evaluate`'s output (numpy arrays dropped unless ``arrays``)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, np.ndarray):
+            if arrays:
+                out[k] = v.tolist()
+        elif isinstance(v, (np.floating, np.integer)):
+            out[k] = v.item()
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out

