@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from model.plots import plot_confusion_matrix, plot_pr_curves  # noqa: E402
 
@@ -25,6 +26,8 @@ def plot_rounds(results: dict, path: Path) -> Path:
     if results.get("best_round"):
         ax2.axvline(results["best_round"], color="grey", ls="--", label=f"best round {results['best_round']}")
     ax2.set_xlabel("round"), ax2.set_ylim(0, 1.02), ax2.legend(), ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{results['run']}: learning curves")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -200,10 +200,18 @@ class MagnetFedAvg(FedAvg):
         bytes_down = arrays.count_bytes() * len(msgs)
         t0 = time.time()
         raw = list(grid.send_and_receive(msgs, timeout=timeout))
+        # attribute each reply through the message it answers: an error reply the SuperLink makes for a
+        # dead node is not sent *by* that node
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+
+        def subject_of(reply: Message) -> int:
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            return self.subject_of_node.get(node, -1)
+
         replies, failures, ok_messages = [], [], []
         answered = set()
-        for m in sorted(raw, key=lambda m: self.subject_of_node.get(m.metadata.src_node_id, -1)):
-            subject = self.subject_of_node.get(m.metadata.src_node_id, -1)
+        for m in sorted(raw, key=subject_of):
+            subject = subject_of(m)
             answered.add(subject)
             if m.has_error():
                 failures.append({"subject": subject, "reason": str(m.error.reason)})

@@ -32,6 +32,7 @@ class ScriptedGrid(Grid):
         self.node_of = {s: 1000 + s for s in subjects}
         self.behaviour = behaviour
         self.sent = []
+        self.dead = set()
 
     def get_node_ids(self):
         return list(self.node_of.values())
@@ -39,13 +40,19 @@ class ScriptedGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = f"msg-{len(self.sent)}"  # as the SuperLink does on push
             self.sent.append(m)
             subject = m.metadata.dst_node_id - 1000
             if m.metadata.message_type == "query":
                 out = RecordDict({"metrics": MetricRecord({"subject": subject})})
             else:
                 out = self.behaviour(subject, m)
-            if out is not None:
+            if isinstance(out, Error) and subject in self.dead:
+                # the SuperLink answers for a node that stopped: the reply does not come from that node
+                r = Message(out, reply_to=m)
+                r.metadata.__dict__["_src_node_id"] = 0
+                replies.append(r)
+            elif out is not None:
                 replies.append(Message(out, reply_to=m))
         return replies
 
@@ -114,6 +121,7 @@ def test_round_aggregates_weighted_and_skips_failed_reply(tmp_path):
         return reply(v, n, loss=v)
 
     grid = ScriptedGrid(subjects, behaviour)
+    grid.dead = {6}
     strat = _strategy(tmp_path, subjects, 3)
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
