@@ -4,7 +4,7 @@
 early stopping, best round tested once. Prints wall time, peak memory of *all* processes of the run
 (SuperLink, simulation, Ray workers) and the test F1 of the best round.
 
-    python bench/full_protocol.py [--data-path MEx.zip] [--rounds 10] [--preset compact]
+    python bench/full_protocol.py [--data-path MEx.zip] [--rounds 10] [--preset compact] [--lr 1e-3]
 
 Targets (2-core CPU): <= 20 min, <= 4 GiB, test weighted F1 >= 0.85.
 """
@@ -33,11 +33,12 @@ def main() -> int:
     p.add_argument("--preset", default="compact")
     p.add_argument("--strategy", default="fedavg")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3, help="compact trains from scratch: 10x the paper's 1e-4")
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-full-protocol"))
     p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args()
     name = f"full-{a.preset}-{a.strategy}-s{a.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "strategy": a.strategy, "seed": a.seed,
+    rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "strategy": a.strategy, "seed": a.seed, "lr": a.lr,
           "output-dir": str(a.workdir.resolve()), "run-name": name}
     if a.data_path:
         rc["data-path"] = str(Path(a.data_path).resolve())
@@ -52,7 +53,7 @@ def main() -> int:
         "peak_pss_mib": round(mem.peak_pss_mib), "peak_processes": mem.peak_procs,
         "rounds_run": len(res.get("rounds", [])), "best_round": res.get("best_round"),
         "test_weighted_f1": test.get("weighted_f1"), "test_macro_f1": test.get("macro_f1"),
-        "test_accuracy": test.get("accuracy"), "preset": a.preset, "strategy": a.strategy, "seed": a.seed,
+        "test_accuracy": test.get("accuracy"), "preset": a.preset, "lr": a.lr, "strategy": a.strategy, "seed": a.seed,
         "results": str(res_path),
     }
     rows = [("status", fig["status"], "finished:completed"),

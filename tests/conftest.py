@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def mex_zip() -> Path | None:
-    env = os.environ.get("FEDTIME_DATA_PATH")
-    for cand in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data" / "mex" / "MEx.zip"]:
+    env = os.environ.get("FEDTIME_DATA_PATH", "").strip()
+    for cand in ([Path(env).expanduser()] if env else []) + [ROOT.parent / "shared" / "data" / "mex" / "MEx.zip"]:
         if cand.exists():
             return cand.resolve()
     return None

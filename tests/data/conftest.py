@@ -7,7 +7,6 @@ every preprocessing parameter, so reuse is safe). Real-data tests skip when the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,14 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic_mex  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def real_zip_path() -> Path | None:
-    env = os.environ.get("FEDTIME_DATA_PATH", "").strip()
-    p = Path(env).expanduser() if env else (REPO_ROOT / ".." / "shared" / "data" / "mex" / "MEx.zip").resolve()
-    return p if p.exists() else None
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +51,9 @@ def synthetic_cache(synthetic_zip, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_zip() -> Path:
-    p = real_zip_path()
-    if p is None:
-        pytest.skip("real MEx zip not found (set FEDTIME_DATA_PATH or put it at ../shared/data/mex/MEx.zip)")
-    return p
+def real_zip(mex_path) -> Path:
+    """The real MEx zip (tests/conftest.py finds it; skips when absent)."""
+    return mex_path
 
 
 @pytest.fixture(scope="session")
