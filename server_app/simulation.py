@@ -29,6 +29,9 @@ from server_app.deploy import (FINISHED_OK, REPO_ROOT, DeployError, base_env, fl
                                marked_pids, parse_json_output, stop_pids)
 
 
+POLL_S = 15.0
+
+
 @dataclass
 class SimulationRun:
     run_id: int
@@ -57,7 +60,7 @@ def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app
                    validate: bool = True) -> SimulationRun:
     """Submit one simulation run, wait for its final status, then stop every process it started.
 
-    `on_progress(run_id)` is called every few seconds while the run is in progress (tests use it to
+    `on_progress(run_id)` is called about every second while the run is in progress (tests use it to
     interrupt a run); returning True stops waiting and tears the federation down. Every process started
     carries `marker` in its environment (`deploy.marked_pids(marker)` finds them, e.g. to measure memory).
     """
@@ -122,16 +125,17 @@ def _wait(run_id, env, workdir, timeout, streamer, echo_file, on_progress) -> st
             if line:
                 sys.stdout.write(line)
                 echo_file.write(line)
-                continue
         else:
             time.sleep(1.0)
-        if time.monotonic() - last_poll > 3.0:
+        if on_progress is not None and on_progress(run_id):
+            return f"interrupted:{status}"
+        # `flwr list` is a Python process of its own (~1 CPU-second): poll rarely while the log streams, more
+        # often once the stream has ended (it ends with the run)
+        if time.monotonic() - last_poll > (3.0 if streamer.poll() is not None else POLL_S):
             last_poll = time.monotonic()
             status = _status(run_id, env, workdir)
             if status.startswith("finished"):
                 return status
-            if on_progress is not None and on_progress(run_id):
-                return f"interrupted:{status}"
     flwr_cli(["stop", str(run_id), "local"], env, check=False, cwd=workdir)
     return f"timeout:{status}"
 
