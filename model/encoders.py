@@ -113,11 +113,21 @@ class TimeSeriesEncoder(nn.Module):
         return self.head(pooled)
 
 
+def norm_layer(kind: str, features: int, *, spatial: bool = False, groups: int = 1) -> nn.Module:
+    """The model's one normalisation switch (ModelConfig.norm): BatchNorm over the batch, or a per-sample
+    GroupNorm over `groups` groups of the features (groups=1 = LayerNorm over channels and positions)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(features) if spatial else nn.BatchNorm1d(features)
+    if kind == "layer":
+        return nn.GroupNorm(groups, features)
+    raise ValueError(f"unknown norm {kind!r}: 'batch' or 'layer'")
+
+
 class ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, norm: str = "batch"):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            norm_layer(norm, cout, spatial=True),
             nn.ReLU(inplace=True),
         )
 
@@ -166,7 +176,7 @@ class DartCNN(nn.Module):
         layers: list[nn.Module] = []
         cin = 1
         for i, c in enumerate(cfg.cnn_channels):
-            layers.append(ConvBlock(cin, c))
+            layers.append(ConvBlock(cin, c, cfg.norm))
             if cfg.cnn_pool_after and i + 1 == cfg.cnn_pool_after:
                 layers.append(nn.MaxPool2d(2))
             cin = c

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .encoders import norm_layer
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -162,14 +163,14 @@ class ModalityFFN(nn.Module):
     modalities at once (a grouped linear; BatchNorm1d over the M*d features is exactly one
     BatchNorm1d(d) per modality)."""
 
-    def __init__(self, n_modalities: int, d: int, dropout: float):
+    def __init__(self, n_modalities: int, d: int, dropout: float, norm: str = "batch"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_modalities, d, d))
         self.bias = nn.Parameter(torch.empty(n_modalities, d))
         bound = 1 / math.sqrt(d)
         nn.init.uniform_(self.weight, -bound, bound)  # nn.Linear's default init, per modality
         nn.init.uniform_(self.bias, -bound, bound)
-        self.bn = nn.BatchNorm1d(n_modalities * d)
+        self.bn = norm_layer(norm, n_modalities * d, groups=n_modalities)  # per modality either way
         self.drop = nn.Dropout(dropout)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
@@ -193,7 +194,7 @@ class MAGNET(nn.Module):
         d = cfg.d_emb
         self.out_dim = d
         self.modality_weights = nn.Parameter(torch.ones(n_modalities))
-        self.modality_ffn = ModalityFFN(n_modalities, d, cfg.fusion_dropout)
+        self.modality_ffn = ModalityFFN(n_modalities, d, cfg.fusion_dropout, cfg.norm)
         self.adj_logits = nn.Parameter(torch.zeros(n_modalities, n_modalities))
         self.gat1 = GraphAttention(d, cfg.gat_heads, cfg.fusion_dropout)
         self.norm1 = nn.LayerNorm(d)

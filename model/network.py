@@ -17,7 +17,7 @@ from .config import (
     ModelConfig,
     get_config,
 )
-from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder
+from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder, norm_layer
 from .fusion import MAGNET, AttentionFusion, ConcatFusion
 
 
@@ -25,10 +25,11 @@ class HierarchicalClassifier(nn.Sequential):
     """Progressively smaller layers: Linear -> GELU -> BatchNorm -> Dropout per hidden layer, then
     Linear to the classes (paper: 512 -> 512 -> 256 -> 128 -> 7)."""
 
-    def __init__(self, d_in: int, hidden: Sequence[int], dropouts: Sequence[float], num_classes: int):
+    def __init__(self, d_in: int, hidden: Sequence[int], dropouts: Sequence[float], num_classes: int,
+                 norm: str = "batch"):
         layers: list[nn.Module] = []
         for h, p in zip(hidden, dropouts, strict=True):
-            layers += [nn.Linear(d_in, h), nn.GELU(), nn.BatchNorm1d(h), nn.Dropout(p)]
+            layers += [nn.Linear(d_in, h), nn.GELU(), norm_layer(norm, h), nn.Dropout(p)]
             d_in = h
         layers.append(nn.Linear(d_in, num_classes))
         super().__init__(*layers)
@@ -84,7 +85,7 @@ class MultimodalHAR(nn.Module):
         )
         self.fusion = fusion_cls(cfg, len(mods))
         self.classifier = HierarchicalClassifier(
-            self.fusion.out_dim, cfg.cls_hidden, cfg.cls_dropout, num_classes
+            self.fusion.out_dim, cfg.cls_hidden, cfg.cls_dropout, num_classes, cfg.norm
         )
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,9 @@ from model.state import model_from_checkpoint
 from model_testutils import make_batch
 
 
-def test_trainable_state_contents(tiny):
-    model = build_model(tiny, "magnet", seed=0)
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_trainable_state_contents(tiny, norm):
+    model = build_model(tiny.replace(norm=norm), "magnet", seed=0)
     keys = trainable_state_keys(model)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
@@ -24,7 +25,8 @@ def test_trainable_state_contents(tiny):
     assert trainable <= set(keys)
     assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
     bn = [k for k in keys if k.endswith(("running_mean", "running_var"))]
-    assert bn and all(k in model.state_dict() for k in bn)
+    assert all(k in model.state_dict() for k in bn)
+    assert bool(bn) == (norm == "batch")  # BatchNorm statistics travel; a per-sample norm has none
     assert not any(k.endswith("num_batches_tracked") for k in keys)
     assert set(keys) == set(trainable) | set(bn)
     st = trainable_state(model)
@@ -34,6 +36,7 @@ def test_trainable_state_contents(tiny):
 
 
 def test_load_trainable_state_roundtrip_and_strict(tiny):
+    tiny = tiny.replace(norm="batch")
     a = build_model(tiny, "magnet", seed=1)
     b = build_model(tiny, "magnet", seed=2)
     a.train()
