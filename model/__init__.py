@@ -11,7 +11,15 @@ from .state import (
     trainable_state,
     trainable_state_keys,
 )
-from .training import TrainConfig, class_weights_from_labels, evaluate, fit, proximal_term
+from .training import (
+    TrainConfig,
+    adapt_batchnorm,
+    class_weights_from_labels,
+    classification_metrics,
+    evaluate,
+    fit,
+    proximal_term,
+)
 
 __all__ = [
     "MODALITIES",
@@ -20,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "MultimodalHAR",
     "TrainConfig",
+    "adapt_batchnorm",
+    "classification_metrics",
     "build_model",
     "class_weights_from_labels",
     "count_parameters",

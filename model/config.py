@@ -38,10 +38,9 @@ class ModelConfig:
     # --- shared ----------------------------------------------------------------------------------
     d_emb: int = 512  # every encoder outputs this size; fusion works at this size
     base_seed: int = 0  # seeds the frozen T5 base weights (identical on every party)
-    # "batch" = BatchNorm as in the paper. "layer" = per-sample LayerNorm/GroupNorm(1), no batch statistics:
-    # a federated client holds one subject, so BatchNorm normalises each subject by its own statistics
-    # in training but by averaged ones at test time; measured on the compact federated protocol, validation
-    # accuracy 0.64 with BatchNorm vs 0.85 when each subject is normalised by its own statistics (docs/model.md)
+    # "batch" = BatchNorm, as in the paper. "layer" = per-sample GroupNorm(1)/LayerNorm, no batch statistics.
+    # Federated clients hold one subject each, which BatchNorm handles badly; "layer" was measured worse on
+    # the compact federated protocol all the same (docs/federated.md), so every preset keeps "batch".
     norm: str = "batch"
     # --- time-series encoder (act, acw): per-timestep projection + sinusoidal PE + T5 + LoRA ----
     ts_proj_hidden: int = 256  # 0 = a single Linear(C -> d_model)
@@ -118,7 +117,6 @@ PAPER = ModelConfig(name="paper")
 # batch 8 single-threaded within the ~4-5 ms/sample budget of the federated protocol.
 COMPACT = ModelConfig(
     name="compact",
-    norm="layer",
     acc_hz=5.0,
     frame_hz=2.0,
     d_emb=64,
@@ -192,7 +190,6 @@ TINY = ModelConfig(
     fusion_dropout=0.0,
     cls_hidden=(16, 8),
     cls_dropout=(0.0, 0.0),
-    norm="layer",
     lstm_baseline_hidden=8,
     lstm_baseline_layers=1,
 )

@@ -33,6 +33,8 @@ class TrainConfig:
     monitor: str = "weighted_f1"  # validation metric for the scheduler and early stopping
     amp: str = "auto"  # auto = fp16 autocast + GradScaler on CUDA, off on CPU; or "bf16", "fp16", "off"
     label_smoothing: float = 0.0
+    modality_dropout: float = 0.0  # training only: drop each present modality of a sample with this
+    # probability (at least one stays), so the model learns to use any subset (missing modalities)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
     seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
 
@@ -62,6 +64,22 @@ def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
     if total is None:
         return torch.zeros(())
     return 0.5 * mu * total
+
+
+def drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly mark present modalities absent with probability ``p`` per (sample, modality),
+    keeping at least one present modality per sample (one of those it had, chosen at random)."""
+    if p <= 0:
+        return mask
+    keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= p
+    new = mask & keep
+    empty = ~new.any(dim=1) & mask.any(dim=1)
+    if empty.any():
+        scores = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, -1.0)
+        pick = scores.argmax(dim=1)
+        rows = empty.nonzero(as_tuple=True)[0]
+        new[rows, pick[rows]] = True
+    return new
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -173,6 +191,11 @@ def fit(
                 break
             batch = move_batch(batch, device)
             y = batch["y"]
+            if cfg.modality_dropout > 0:
+                mask = batch.get("mask")
+                if mask is None:
+                    mask = torch.ones(y.shape[0], 4, dtype=torch.bool, device=y.device)
+                batch = dict(batch, mask=drop_modalities(mask.bool(), cfg.modality_dropout))
             if skip_single and y.shape[0] < 2:
                 skipped += 1  # BatchNorm cannot train on a single sample
                 continue
@@ -342,3 +365,36 @@ def jsonable_metrics(metrics: dict, *, arrays: bool = False) -> dict:
         else:
             out[k] = v
     return out
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, loader: Iterable[dict], device: "torch.device | str") -> int:
+    """AdaBN: replace every BatchNorm's running statistics by those of ``loader``'s (unlabeled) windows —
+    one subject's — leaving all weights untouched. Returns the number of windows seen (0 = no BatchNorm).
+
+    Federated clients hold one subject each, so in training BatchNorm normalises each subject by its own
+    statistics; evaluating an unseen subject with its own statistics matches that (docs/federated.md)."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the whole loader
+        m.train()
+    n = 0
+    for batch in loader:
+        if batch["y"].shape[0] < 2:  # BatchNorm needs two values per channel in training mode
+            continue
+        model(move_batch(batch, device))
+        n += batch["y"].shape[0]
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("adapt_batchnorm: the loader holds fewer than 2 windows per batch")
+    return n

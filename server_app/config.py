@@ -54,6 +54,7 @@ class RunConfig:
     # resources
     num_threads: int = 1
     eval_batch_size: int = 64
+    eval_bn_stats: str = "subject"
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -105,6 +106,7 @@ class RunConfig:
         if self.normalization not in ("global", "per_window"):
             raise ConfigError(f"run-config key 'normalization' must be 'global' or 'per_window', "
                               f"got '{self.normalization}'")
+        _check_choice("eval-bn-stats", self.eval_bn_stats, ("global", "subject"))
         _check_choice("model-preset", self.model_preset, _model_presets())
         _check_choice("fusion", self.fusion, _fusions())
         _check_choice("strategy", self.strategy, _strategies())

@@ -6,13 +6,15 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import DataLoader
 
-from model import evaluate, load_trainable_state, trainable_state
+from data_partition import NUM_CLASSES
+from model import adapt_batchnorm, classification_metrics, evaluate, load_trainable_state, trainable_state
 from server_app import task
 from server_app.config import RunConfig
 from server_app.plots import write_plots
@@ -27,17 +29,31 @@ def run_name(cfg: RunConfig) -> str:
 
 
 class Evaluator:
-    """Server-side evaluation of a global trainable state on pooled subjects (validation or test)."""
+    """Server-side evaluation of a global trainable state on held-out subjects (validation or test).
+
+    `bn_stats="global"` normalises with the aggregated BatchNorm statistics; `"subject"` (AdaBN) first
+    re-estimates them on each subject's own unlabeled windows, then pools the predictions."""
 
     def __init__(self, cfg: RunConfig, subjects) -> None:
         self.cfg = cfg
         self.model = task.model_for(cfg)
-        self.loader = DataLoader(task.dataset(cfg, subjects, train=False), batch_size=cfg.eval_batch_size)
+        self.loaders = {s: DataLoader(task.dataset(cfg, [s], train=False), batch_size=cfg.eval_batch_size)
+                        for s in subjects}
         self.device = task.device()
 
-    def __call__(self, arrays: ArrayRecord) -> dict:
-        load_trainable_state(self.model, arrays.to_torch_state_dict())
-        return evaluate(self.model.to(self.device), self.loader, self.device)
+    def __call__(self, arrays: ArrayRecord, bn_stats: str | None = None) -> dict:
+        state = arrays.to_torch_state_dict()
+        parts = []
+        for loader in self.loaders.values():
+            load_trainable_state(self.model, state)
+            if (bn_stats or self.cfg.eval_bn_stats) == "subject":
+                adapt_batchnorm(self.model, loader, self.device)
+            parts.append(evaluate(self.model, loader, self.device))
+        load_trainable_state(self.model, state)
+        labels = np.concatenate([p["labels"] for p in parts])
+        out = classification_metrics(labels, np.concatenate([p["probabilities"] for p in parts]), NUM_CLASSES)
+        out["loss"] = float(sum(p["loss"] * len(p["labels"]) for p in parts) / len(labels))
+        return out
 
 
 @app.main()
@@ -66,14 +82,21 @@ def main(grid: Grid, context: Context) -> None:
                             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
 
     best = result.arrays
-    test = Evaluator(cfg, split.test)(best)
+    test_eval = Evaluator(cfg, split.test)
+    test = test_eval(best)
+    both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
+            for mode in ("global", "subject")}
     status = "early_stopped" if strategy.early_stopping.should_stop else "completed"
-    summary = {k: test[k] for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}
+    keys = ("loss", "accuracy", "weighted_f1", "macro_f1")
+    summary = {k: test[k] for k in keys}
     path = store.finish(status=status, best_arrays=best, test={
-        **summary, "subjects": list(split.test), "num_examples": len(test["labels"]),
+        **summary, "bn_stats": cfg.eval_bn_stats, "subjects": list(split.test), "num_examples": len(test["labels"]),
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
+        "by_bn_stats": {mode: {k: m[k] for k in keys} for mode, m in both.items()},
     }, extra={"model": {"trainable_bytes": initial.count_bytes(),
                         "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))}})
     write_plots(store.path, store.results, test)
-    log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f | results: %s",
-        store.results["best_round"], summary["accuracy"], summary["weighted_f1"], summary["macro_f1"], path)
+    log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f (BatchNorm statistics: %s; "
+        "global %.4f / per subject %.4f weighted F1) | results: %s", store.results["best_round"],
+        summary["accuracy"], summary["weighted_f1"], summary["macro_f1"], cfg.eval_bn_stats,
+        both["global"]["weighted_f1"], both["subject"]["weighted_f1"], path)
