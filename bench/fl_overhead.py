@@ -27,7 +27,7 @@ from server_app import task  # noqa: E402
 from server_app.config import RunConfig  # noqa: E402
 from server_app.run_store import arrays_to_numpy  # noqa: E402
 from server_app.server_app import Evaluator  # noqa: E402
-from server_app.simulation import run_simulation  # noqa: E402
+from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
 from server_app.strategy import ClientSampler, paper_shuffle_order, weighted_average  # noqa: E402
 from model import trainable_state  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
@@ -61,6 +61,7 @@ def bare_loop(cfg: RunConfig, threads: int) -> tuple[float, list[list[int]]]:
 
 
 def main() -> int:
+    exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default=os.environ.get("FEDTIME_DATA_PATH", ""))
     p.add_argument("--rounds", type=int, default=3)

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _procmem import PeakMemory  # noqa: E402
 
-from server_app.simulation import run_simulation  # noqa: E402
+from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
 
 
 def main() -> int:
+    exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default="")
     p.add_argument("--rounds", type=int, default=10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +141,13 @@ def _wait(run_id, env, workdir, timeout, streamer, echo_file, on_progress) -> st
     return f"timeout:{status}"
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that `run_simulation`'s clean-up (stop every process by PID) runs."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=21)
     p.add_argument("--run-config", default="", help="TOML key=value pairs, as for `flwr run --run-config`")
