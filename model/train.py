@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=6)
     ap.add_argument("--monitor", default="weighted_f1", help="validation metric: weighted_f1 | accuracy | macro_f1 | loss")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--modality-dropout", type=float, default=0.0,
+                    help="training-only: drop each present modality of a sample with this probability")
     ap.add_argument("--augment-sigma", type=float, default=0.0, help="training-only Gaussian noise on act/acw")
     ap.add_argument("--normalization", default="global", choices=["global", "per_window"])
     ap.add_argument("--no-class-weights", action="store_true")
@@ -103,7 +105,8 @@ def main(argv=None) -> dict:
     cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
     tc = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      epochs=args.epochs, patience=args.patience, monitor=args.monitor,
-                     label_smoothing=args.label_smoothing, max_batches_per_epoch=args.max_batches, seed=args.seed)
+                     label_smoothing=args.label_smoothing, modality_dropout=args.modality_dropout,
+                     max_batches_per_epoch=args.max_batches, seed=args.seed)
     train_loader = _loader(train_ds, args.batch_size, True, args.seed, args.workers)
     val_loader = _loader(val_ds, 64, False, 0, args.workers)
     test_loader = _loader(test_ds, 64, False, 0, args.workers)

@@ -128,3 +128,16 @@ def test_evaluate_matches_sklearn(tmp_path):
               plot_confusion_matrix(m["confusion_matrix"], tmp_path / "cm.png"),
               plot_pr_curves(m["labels"], m["probabilities"], tmp_path / "pr.png")):
         assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_modality_dropout_keeps_one_and_only_drops():
+    from model.training import drop_modalities
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(500, 4, generator=g) > 0.3
+    mask[0] = False
+    new = drop_modalities(mask, 0.6, generator=g)
+    assert not (new & ~mask).any()  # never re-adds an absent modality
+    assert (new.any(1) == mask.any(1)).all()  # every sample that had one keeps one
+    assert 0.3 < 1 - new.sum() / mask.sum() < 0.6
+    assert torch.equal(drop_modalities(mask, 0.0), mask)
