@@ -53,9 +53,8 @@ def subject_of_partition(cfg: RunConfig, node_config: dict) -> int:
     return split.train[pid]
 
 
-def dataset(cfg: RunConfig, subjects, *, train: bool, source: str | None = None) -> WindowDataset:
-    if source:
-        cfg = cfg.replace(data_path=source)
+def dataset(cfg: RunConfig, subjects, *, train: bool) -> WindowDataset:
+    """Windows of `subjects`, normalised with the train-subject statistics; noise only when `train`."""
     cache, _, stats = open_data(cfg)
     return WindowDataset(cache, list(subjects), stats, normalization=cfg.normalization,
                          augment_sigma=cfg.augment_sigma if train else 0.0, seed=cfg.seed)
