@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from model import class_weights_from_labels, evaluate, fit, load_trainable_state, trainable_state
 from server_app import task
@@ -30,22 +31,48 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, proximal_mu: float = 0.0,
-                  log=print) -> tuple[dict, dict]:
+                  log=print, local_val_fraction: float = 0.0, model: torch.nn.Module | None = None
+                  ) -> tuple[dict, dict]:
     """One client's local training from the global trainable state; returns (new state, metrics). Seeded by
-    (seed, round, subject) so a run — or its resumption — repeats the same local steps."""
-    model = task.model_for(cfg)
+    (seed, round, subject) so a run — or its resumption — repeats the same local steps.
+
+    With `local_val_fraction` (FedMobile-style strategies) a fixed, seeded share of the subject's windows is
+    held out: the client reports the global model's and its trained model's loss there (its contribution) and
+    the trained model's weighted F1 (its local validation performance). `model`: an instance to train in
+    (default: the process-wide one)."""
+    model = model if model is not None else task.model_for(cfg)
     load_trainable_state(model, state)
     data = task.dataset(cfg, [subject], train=True)
+    labels = data.labels
+    train_data, val_loader = data, None
+    if local_val_fraction > 0:
+        order = np.random.default_rng([cfg.seed, subject]).permutation(len(data))
+        k = max(1, int(round(local_val_fraction * len(data))))
+        val_idx, train_idx = np.sort(order[:k]), np.sort(order[k:])
+        train_data, labels = Subset(data, train_idx.tolist()), labels[train_idx]
+        # the client's own windows as it has them (its missing sensors, its labels), without training noise
+        val_data = Subset(task.dataset(cfg.replace(augment_sigma=0.0), [subject], train=True), val_idx.tolist())
+        val_loader = DataLoader(val_data, batch_size=cfg.eval_batch_size)
     seed = cfg.seed * 100_003 + server_round * 101 + subject
     torch.manual_seed(seed)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    history = fit(model, loader, cfg.train_config(), device=task.device(),
-                  class_weights=class_weights_from_labels(data.labels, 7), proximal_mu=proximal_mu,
-                  log=lambda line: log(f"[subject {subject:02d} round {server_round}] {line}"))
+    weights = class_weights_from_labels(labels, 7)
+    metrics: dict = {}
+    if val_loader is not None:
+        metrics["local_val_loss_before"] = float(evaluate(model, val_loader, task.device(), weights)["loss"])
+    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    history = fit(model, loader, cfg.train_config(), device=task.device(), class_weights=weights,
+                  proximal_mu=proximal_mu, log=lambda line: log(f"[subject {subject:02d} round {server_round}] {line}"))
     last = history[-1]
-    metrics = {"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
-               "num-examples": len(data), "subject": subject}
-    return trainable_state(model), metrics
+    if val_loader is not None:
+        m = evaluate(model, val_loader, task.device(), weights)
+        metrics.update(local_val_loss_after=float(m["loss"]), local_val_weighted_f1=float(m["weighted_f1"]))
+    metrics.update({"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
+                    "num-examples": len(train_data), "subject": subject})
+    if "train_generator" in last:
+        metrics["train_generator_loss"] = float(last["train_generator"])
+    new_state = task.scenario(cfg).poison_update(subject, trainable_state(model), state)
+    return new_state, metrics
 
 
 @app.train()
@@ -54,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     state, metrics = train_subject(cfg, subject, msg.content["arrays"].to_torch_state_dict(),
                                    int(config.get("server-round", 0)), float(config.get("proximal-mu", 0.0)),
-                                   log=lambda line: print(line, flush=True))
+                                   log=lambda line: print(line, flush=True),
+                                   local_val_fraction=float(config.get("local-val-fraction", 0.0)))
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -17,6 +17,7 @@ from .training import (
     class_weights_from_labels,
     classification_metrics,
     evaluate,
+    evaluate_per_subject,
     fit,
     proximal_term,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "class_weights_from_labels",
     "count_parameters",
     "evaluate",
+    "evaluate_per_subject",
     "fit",
     "get_config",
     "load_checkpoint",

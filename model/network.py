@@ -19,6 +19,7 @@ from .config import (
 )
 from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder, norm_layer
 from .fusion import MAGNET, AttentionFusion, ConcatFusion
+from .generators import LatentGenerators
 
 
 class HierarchicalClassifier(nn.Sequential):
@@ -64,9 +65,13 @@ class MultimodalHAR(nn.Module):
     in ``MODALITIES`` order; all-present when absent) and returns ``(logits [B, C], aux_loss)``.
     An absent modality's embedding is replaced by a learned per-modality token; its encoder only
     runs on the samples that have it, and the fusion masks it out (graph neighbours, pooling).
+    With ``latent_generators`` (FedMobile-style), an absent modality's embedding is instead generated from
+    the present ones and takes part in the fusion; ``generator_loss`` then holds the last training
+    forward's distillation loss, which the training loop adds to the objective.
     """
 
-    def __init__(self, cfg: ModelConfig, fusion: str, modalities: Sequence[str], num_classes: int):
+    def __init__(self, cfg: ModelConfig, fusion: str, modalities: Sequence[str], num_classes: int,
+                 latent_generators: bool = False):
         super().__init__()
         enc_kind, fusion_cls, allowed = FUSIONS[fusion]
         mods = [m for m in MODALITIES if m in modalities]
@@ -80,13 +85,16 @@ class MultimodalHAR(nn.Module):
             "modality_index", torch.tensor([MODALITIES.index(m) for m in mods]), persistent=False
         )
         self.encoders = nn.ModuleDict({m: _encoder(enc_kind, cfg, m) for m in mods})
+        generated = latent_generators and len(mods) > 1  # then an absent modality is generated: no token
         self.missing_tokens = nn.ParameterDict(
-            {m: nn.Parameter(torch.randn(cfg.d_emb) * 0.02) for m in mods}
+            {} if generated else {m: nn.Parameter(torch.randn(cfg.d_emb) * 0.02) for m in mods}
         )
         self.fusion = fusion_cls(cfg, len(mods))
         self.classifier = HierarchicalClassifier(
             self.fusion.out_dim, cfg.cls_hidden, cfg.cls_dropout, num_classes, cfg.norm
         )
+        self.generators = LatentGenerators(len(mods), cfg.d_emb) if generated else None
+        self.generator_loss = torch.zeros(())
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality embeddings ``[B, M, d]`` (absent ones = learned tokens) and presence ``[B, M]``."""
@@ -99,7 +107,10 @@ class MultimodalHAR(nn.Module):
             present = mask.to(device=first.device, dtype=torch.bool).index_select(1, self.modality_index.to(first.device))
         embs = []
         for j, m in enumerate(self.modalities):
-            token = self.missing_tokens[m].unsqueeze(0).expand(b, -1)
+            if m in self.missing_tokens:
+                token = self.missing_tokens[m].unsqueeze(0).expand(b, -1)
+            else:
+                token = first.new_zeros(b, self.cfg.d_emb, dtype=torch.float32)
             p = present[:, j]
             x = batch[m]
             if x.dtype != torch.float32:
@@ -116,6 +127,12 @@ class MultimodalHAR(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         e, present = self.embed(batch)
+        if self.generators is not None:
+            if self.training:
+                self.generator_loss = self.generators.distill_loss(e, present)
+            if not bool(present.all()):
+                e = self.generators.fill(e, present)
+                present = torch.ones_like(present)
         feats, aux = self.fusion(e, present)
         return self.classifier(feats), aux
 
@@ -127,6 +144,7 @@ def build_model(
     num_classes: int = NUM_CLASSES,
     *,
     seed: int | None = None,
+    latent_generators: bool = False,
     **overrides,
 ) -> MultimodalHAR:
     """Build a model by preset and fusion name.
@@ -136,7 +154,8 @@ def build_model(
     ``modalities`` is any subset of ``MODALITIES`` (a tuple or ``"act,acw,pm"``); encoders are built
     only for those. Frozen T5 base weights come from ``cfg.base_seed`` whatever the global RNG state.
     With ``seed``, the trainable initialisation is seeded too (and the global RNG is left untouched);
-    without it, it follows the caller's global RNG. ``overrides`` replace ModelConfig fields.
+    without it, it follows the caller's global RNG. ``latent_generators`` adds the FedMobile-style
+    cross-modal generators (``model/generators.py``). ``overrides`` replace ModelConfig fields.
     """
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; choose from {sorted(FUSIONS)}")
@@ -148,10 +167,10 @@ def build_model(
         raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
     cfg = get_config(preset, **overrides)
     if seed is None:
-        return MultimodalHAR(cfg, fusion, modalities, num_classes)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultimodalHAR(cfg, fusion, modalities, num_classes)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -164,6 +183,8 @@ def parameter_breakdown(model: MultimodalHAR) -> dict[str, dict[str, int]]:
     parts = {f"encoder.{m}": enc for m, enc in model.encoders.items()}
     parts["fusion"] = model.fusion
     parts["classifier"] = model.classifier
+    if model.generators is not None:
+        parts["generators"] = model.generators
     out = {k: count_parameters(v) for k, v in parts.items()}
     out["missing_tokens"] = {"total": sum(p.numel() for p in model.missing_tokens.values())}
     return out

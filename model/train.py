@@ -27,7 +27,7 @@ from .config import MODALITIES, get_config
 from .network import build_model, count_parameters
 from .plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
 from .state import save_checkpoint, state_nbytes, trainable_state
-from .training import TrainConfig, class_weights_from_labels, evaluate, fit, jsonable_metrics
+from .training import TrainConfig, class_weights_from_labels, evaluate_per_subject, fit, jsonable_metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="training-only: drop each present modality of a sample with this probability")
     ap.add_argument("--augment-sigma", type=float, default=0.0, help="training-only Gaussian noise on act/acw")
     ap.add_argument("--normalization", default="global", choices=["global", "per_window"])
+    ap.add_argument("--subject-batches", action="store_true",
+                    help="every training batch from one subject, as on a federated client (BatchNorm then "
+                         "learns per-subject normalisation; pair with --bn-stats subject)")
+    ap.add_argument("--bn-stats", default="global", choices=["global", "subject"],
+                    help="validation/test BatchNorm statistics: aggregated ('global') or re-estimated on each "
+                         "held-out subject's own windows ('subject', AdaBN)")
     ap.add_argument("--no-class-weights", action="store_true")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -67,6 +73,26 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int):
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
                       persistent_workers=workers > 0)
+
+
+class SubjectBatchSampler(torch.utils.data.Sampler):
+    """Batches of one subject each (windows shuffled within subjects, batches shuffled across them), a new
+    order every epoch: centralized training that sees BatchNorm statistics the way federated clients do."""
+
+    def __init__(self, subjects: np.ndarray, batch_size: int, seed: int):
+        self.groups = [np.flatnonzero(subjects == s) for s in np.unique(subjects)]
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        batches = [g[i:i + self.batch_size].tolist() for grp in self.groups
+                   for g in [rng.permutation(grp)] for i in range(0, len(g), self.batch_size)]
+        for j in rng.permutation(len(batches)):
+            yield batches[j]
+
+    def __len__(self) -> int:
+        return sum(-(-len(g) // self.batch_size) for g in self.groups)
 
 
 def main(argv=None) -> dict:
@@ -107,16 +133,34 @@ def main(argv=None) -> dict:
                      epochs=args.epochs, patience=args.patience, monitor=args.monitor,
                      label_smoothing=args.label_smoothing, modality_dropout=args.modality_dropout,
                      max_batches_per_epoch=args.max_batches, seed=args.seed)
-    train_loader = _loader(train_ds, args.batch_size, True, args.seed, args.workers)
-    val_loader = _loader(val_ds, 64, False, 0, args.workers)
-    test_loader = _loader(test_ds, 64, False, 0, args.workers)
+    if args.subject_batches:
+        from torch.utils.data import DataLoader
+
+        sampler = SubjectBatchSampler(train_ds.index["subject"].to_numpy(), args.batch_size, args.seed)
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=args.workers,
+                                  persistent_workers=args.workers > 0)
+    else:
+        train_loader = _loader(train_ds, args.batch_size, True, args.seed, args.workers)
+
+    def per_subject(subjects) -> dict:
+        return {s: _loader(WindowDataset(cache, [s], stats, normalization=args.normalization), 64, False, 0, 0)
+                for s in subjects}
+
+    val_loaders, test_loaders = per_subject(split.val), per_subject(split.test)
+    adapt = args.bn_stats == "subject"
+
+    def validate(m):
+        return evaluate_per_subject(m, val_loaders, device, adapt_bn=adapt)
 
     t1 = time.perf_counter()
-    history = fit(model, train_loader, tc, device=device, class_weights=cw, val_loader=val_loader,
+    history = fit(model, train_loader, tc, device=device, class_weights=cw, validate=validate,
                   log=lambda s: print(s, flush=True))
     t_train = time.perf_counter() - t1
-    val = evaluate(model, val_loader, device)
-    test = evaluate(model, test_loader, device)
+    val = validate(model)
+    test = evaluate_per_subject(model, test_loaders, device, adapt_bn=adapt)
+    test_other = evaluate_per_subject(model, test_loaders, device, adapt_bn=not adapt)
+    print(f"test weighted F1 with {'global' if adapt else 'per-subject'} BatchNorm statistics instead: "
+          f"{test_other['weighted_f1']:.4f}", flush=True)
     print(f"best epoch {history[-1].get('best_epoch')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "
           f"wF1 {test['weighted_f1']:.4f} mF1 {test['macro_f1']:.4f} (n={test['n']})", flush=True)
 
@@ -145,6 +189,9 @@ def main(argv=None) -> dict:
         "best_epoch": history[-1].get("best_epoch"),
         "val": jsonable_metrics(val),
         "test": jsonable_metrics(test),
+        "bn_stats": args.bn_stats,
+        "test_by_bn_stats": {("subject" if adapt else "global"): {k: test[k] for k in ("accuracy", "weighted_f1", "macro_f1")},
+                             ("global" if adapt else "subject"): {k: test_other[k] for k in ("accuracy", "weighted_f1", "macro_f1")}},
         "timing_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},
         "env": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
                 "python": platform.python_version(), "host_cpus": os.cpu_count()},

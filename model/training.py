@@ -35,6 +35,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     modality_dropout: float = 0.0  # training only: drop each present modality of a sample with this
     # probability (at least one stays), so the model learns to use any subset (missing modalities)
+    generator_weight: float = 1.0  # weight of the latent generators' distillation loss (models with generators)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
     seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
 
@@ -130,16 +131,19 @@ def fit(
     device: "torch.device | str",
     class_weights: torch.Tensor | None = None,
     val_loader: Iterable[dict] | None = None,
+    validate: Callable[[nn.Module], dict] | None = None,
     proximal_mu: float = 0.0,
     log: Callable[[str], None] | None = print,
 ) -> list[dict]:
     """Train ``model`` in place; returns one history dict per epoch.
 
     AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
-    ``cfg.aux_weight`` * aux + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
+    ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
+    model has them) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
     parameters at the start of this call); gradient accumulation with clipping; mixed precision on
     CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the best
-    epoch's trainable state (parameters + BatchNorm statistics) is restored at the end.
+    epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)``
+    replaces ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
     """
     device = torch.device(device)
     log = log or (lambda s: None)
@@ -150,7 +154,10 @@ def fit(
     opt = _adamw(params, cfg)
     maximize = cfg.monitor not in _MINIMIZE
     sched = None
-    if val_loader is not None:
+    if validate is None and val_loader is not None:
+        def validate(m: nn.Module) -> dict:
+            return evaluate(m, val_loader, device, amp=cfg.amp)
+    if validate is not None:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max" if maximize else "min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
         )
@@ -159,6 +166,7 @@ def fit(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     weight = class_weights.to(device=device, dtype=torch.float32) if class_weights is not None else None
     skip_single = _has_batchnorm(model)
+    has_generators = getattr(model, "generators", None) is not None
     accum = max(1, int(cfg.grad_accum))
 
     def optimizer_step(pending: int) -> None:
@@ -183,7 +191,7 @@ def fit(
         model.train()
         t0 = time.perf_counter()
         n = correct = 0
-        sum_ce = sum_aux = sum_prox = 0.0
+        sum_ce = sum_aux = sum_prox = sum_gen = 0.0
         steps = pending = skipped = 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(train_loader):
@@ -203,6 +211,10 @@ def fit(
                 logits, aux = model(batch)
             ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
             loss = ce + cfg.aux_weight * aux.float()
+            if has_generators:
+                gen = model.generator_loss.float()
+                loss = loss + cfg.generator_weight * gen
+                sum_gen += float(gen.detach()) * y.shape[0]
             if anchor is not None:
                 prox = proximal_term(params, anchor, proximal_mu)
                 loss = loss + prox
@@ -229,7 +241,7 @@ def fit(
         rec = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox) / max(n, 1),
+            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox + cfg.generator_weight * sum_gen) / max(n, 1),
             "train_ce": sum_ce / max(n, 1),
             "train_aux": sum_aux / max(n, 1),
             "train_accuracy": correct / max(n, 1),
@@ -241,13 +253,15 @@ def fit(
         }
         if proximal_mu > 0:
             rec["train_prox"] = sum_prox / max(n, 1)
+        if has_generators:
+            rec["train_generator"] = sum_gen / max(n, 1)
         line = (
             f"epoch {epoch}/{cfg.epochs} train loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
             f"aux {rec['train_aux']:.4f}) acc {rec['train_accuracy']:.3f}"
         )
         stop = False
-        if val_loader is not None:
-            vm = evaluate(model, val_loader, device, amp=cfg.amp)
+        if validate is not None:
+            vm = validate(model)
             for k in ("loss", "accuracy", "weighted_f1", "macro_f1"):
                 rec[f"val_{k}"] = vm[k]
             score = vm[cfg.monitor]
@@ -364,6 +378,30 @@ def jsonable_metrics(metrics: dict, *, arrays: bool = False) -> dict:
             out[k] = None
         else:
             out[k] = v
+    return out
+
+
+def evaluate_per_subject(model: nn.Module, loaders: "dict[int, Iterable[dict]]", device: "torch.device | str", *,
+                         adapt_bn: bool, class_weights: torch.Tensor | None = None, amp: str = "auto") -> dict:
+    """Evaluate each subject's loader — after re-estimating BatchNorm statistics on that subject's own windows
+    when ``adapt_bn`` (AdaBN) — and pool the predictions into one set of metrics. The model's trainable state is
+    left as it was."""
+    state = trainable_state(model) if adapt_bn else None
+    parts = []
+    for loader in loaders.values():
+        if adapt_bn:
+            load_trainable_state(model, state)
+            adapt_batchnorm(model, loader, device)
+        parts.append(evaluate(model, loader, device, class_weights, amp=amp))
+    if adapt_bn:
+        load_trainable_state(model, state)
+    if not parts:
+        raise ValueError("evaluate_per_subject: no loaders")
+    labels = np.concatenate([p["labels"] for p in parts])
+    out = classification_metrics(labels, np.concatenate([p["probabilities"] for p in parts]),
+                                 parts[0]["probabilities"].shape[1])
+    out["loss"] = float(sum(p["loss"] * len(p["labels"]) for p in parts) / len(labels))
+    out["aux_loss"] = float(sum(p["aux_loss"] * len(p["labels"]) for p in parts) / len(labels))
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 MODALITIES = ("act", "acw", "dc", "pm")
@@ -43,6 +43,22 @@ class RunConfig:
     seed: int = 0
     min_train_replies: int = 1
     round_timeout: float = 3600.0
+    # FedMobile-style aggregation (strategy "fedmobile")
+    fedmobile_samples_weight: float = 1.0
+    fedmobile_perf_weight: float = 1.0
+    fedmobile_gain_weight: float = 1.0
+    local_val_fraction: float = 0.1
+    generator_weight: float = 1.0
+    shapley_clusters: int = 3
+    proxy_windows: int = 256
+    # scenarios (seeded by `seed`): missing modalities and poisoned clients
+    missing_rate: float = 0.0
+    missing_at_eval: bool = False
+    absent_modalities: str = ""
+    absent_fraction: float = 0.0
+    poison: str = "none"
+    poison_clients: int = 0
+    poison_scale: float = 10.0
     # data
     data_path: str = ""
     normalization: str = "global"
@@ -82,7 +98,7 @@ class RunConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         positive = ("num_server_rounds", "local_epochs", "clients_per_round", "batch_size", "grad_accum",
-                    "num_threads", "eval_batch_size", "min_train_replies")
+                    "num_threads", "eval_batch_size", "min_train_replies", "shapley_clusters", "proxy_windows")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, got {getattr(self, name)}")
@@ -91,9 +107,28 @@ class RunConfig:
                 raise ConfigError(f"run-config key '{_key(name)}' must be > 0, got {getattr(self, name)}")
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"run-config key 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
-        for name in ("weight_decay", "proximal_mu", "augment_sigma", "num_malicious"):
+        for name in ("weight_decay", "proximal_mu", "augment_sigma", "num_malicious", "fedmobile_samples_weight",
+                     "fedmobile_perf_weight", "fedmobile_gain_weight", "generator_weight", "poison_clients"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, got {getattr(self, name)}")
+        if not (self.fedmobile_samples_weight + self.fedmobile_perf_weight + self.fedmobile_gain_weight) > 0:
+            raise ConfigError("run-config keys 'fedmobile-samples-weight', 'fedmobile-perf-weight' and "
+                              "'fedmobile-gain-weight' cannot all be 0")
+        if not 0 <= self.absent_fraction <= 1:
+            raise ConfigError(f"run-config key 'absent-fraction' must be in [0, 1], got {self.absent_fraction}")
+        if not 0 <= self.missing_rate < 1:
+            raise ConfigError(f"run-config key 'missing-rate' must be in [0, 1), got {self.missing_rate}")
+        if not 0 <= self.local_val_fraction < 0.5:
+            raise ConfigError(f"run-config key 'local-val-fraction' must be in [0, 0.5), got {self.local_val_fraction}")
+        absent = self.absent_modality_list
+        if any(m not in MODALITIES for m in absent) or len(set(absent)) != len(absent):
+            raise ConfigError(f"run-config key 'absent-modalities' must be a comma-separated subset of "
+                              f"{','.join(MODALITIES)}, got '{self.absent_modalities}'")
+        if absent and not set(self.modality_list) - set(absent):
+            raise ConfigError("run-config key 'absent-modalities' would leave clients without any modality")
+        _check_choice("poison", self.poison, ("none", "label-flip", "scale"))
+        if self.poison != "none" and self.poison_clients < 1:
+            raise ConfigError(f"run-config key 'poison' is '{self.poison}' but 'poison-clients' is 0")
         if self.patience < 0:
             raise ConfigError(f"run-config key 'patience' must be >= 0, got {self.patience}")
         if self.min_train_replies > self.clients_per_round:
@@ -116,6 +151,15 @@ class RunConfig:
     def modality_list(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
 
+    @property
+    def absent_modality_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.absent_modalities.split(",") if m.strip())
+
+    @property
+    def latent_generators(self) -> bool:
+        """FedMobile-style runs reconstruct missing modalities' embeddings with generators."""
+        return self.strategy == "fedmobile"
+
     def data_source(self) -> str | None:
         """Configured data path, else $FEDTIME_DATA_PATH, else None (= download / user cache)."""
         return self.data_path or os.environ.get("FEDTIME_DATA_PATH") or None
@@ -126,7 +170,7 @@ class RunConfig:
 
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
-                           patience=self.patience)
+                           patience=self.patience, generator_weight=self.generator_weight)
 
 
 def _key(name: str) -> str:

@@ -97,7 +97,8 @@ class RunStore:
     @staticmethod
     def _check_compatible(old: dict, new: dict) -> None:
         keys = ("model-preset", "fusion", "modalities", "strategy", "split-seed", "seed", "clients-per-round",
-                "local-epochs", "lr", "batch-size", "grad-accum")
+                "local-epochs", "lr", "batch-size", "grad-accum", "missing-rate", "missing-at-eval",
+                "absent-modalities", "absent-fraction", "poison", "poison-clients", "poison-scale")
         diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
         if diff:
             raise ValueError(f"cannot resume with a different configuration: {diff}")

@@ -6,18 +6,17 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import DataLoader
 
-from data_partition import NUM_CLASSES
-from model import adapt_batchnorm, classification_metrics, evaluate, load_trainable_state, trainable_state
+from model import evaluate_per_subject, load_trainable_state, trainable_state
 from server_app import task
 from server_app.config import RunConfig
 from server_app.plots import write_plots
+from server_app.proxy import GeneratorProxy
 from server_app.run_store import RunStore
 from server_app.strategy import build_strategy
 
@@ -42,18 +41,9 @@ class Evaluator:
         self.device = task.device()
 
     def __call__(self, arrays: ArrayRecord, bn_stats: str | None = None) -> dict:
-        state = arrays.to_torch_state_dict()
-        parts = []
-        for loader in self.loaders.values():
-            load_trainable_state(self.model, state)
-            if (bn_stats or self.cfg.eval_bn_stats) == "subject":
-                adapt_batchnorm(self.model, loader, self.device)
-            parts.append(evaluate(self.model, loader, self.device))
-        load_trainable_state(self.model, state)
-        labels = np.concatenate([p["labels"] for p in parts])
-        out = classification_metrics(labels, np.concatenate([p["probabilities"] for p in parts]), NUM_CLASSES)
-        out["loss"] = float(sum(p["loss"] * len(p["labels"]) for p in parts) / len(labels))
-        return out
+        load_trainable_state(self.model, arrays.to_torch_state_dict())
+        return evaluate_per_subject(self.model, self.loaders, self.device,
+                                    adapt_bn=(bn_stats or self.cfg.eval_bn_stats) == "subject")
 
 
 @app.main()
@@ -74,10 +64,15 @@ def main(grid: Grid, context: Context) -> None:
         m = validate(arrays)
         return MetricRecord({f"val_{k}": float(m[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
 
+    proxy = GeneratorProxy(cfg, split.val, cfg.proxy_windows, seed=cfg.seed) if cfg.latent_generators else None
     strategy = build_strategy(cfg.strategy, clients_per_round=cfg.clients_per_round, patience=cfg.patience,
                               split_seed=cfg.split_seed, train_subjects=list(split.train),
                               min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu,
-                              trim_beta=cfg.trim_beta, num_malicious=cfg.num_malicious, store=store)
+                              trim_beta=cfg.trim_beta, num_malicious=cfg.num_malicious, store=store,
+                              fedmobile_mix=(cfg.fedmobile_samples_weight, cfg.fedmobile_perf_weight,
+                                             cfg.fedmobile_gain_weight),
+                              local_val_fraction=cfg.local_val_fraction, shapley_clusters=cfg.shapley_clusters,
+                              generator_proxy=proxy)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
 
@@ -94,7 +89,8 @@ def main(grid: Grid, context: Context) -> None:
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
         "by_bn_stats": {mode: {k: m[k] for k in keys} for mode, m in both.items()},
     }, extra={"model": {"trainable_bytes": initial.count_bytes(),
-                        "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))}})
+                        "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))},
+              "scenario": task.scenario(cfg).describe()})
     write_plots(store.path, store.results, test)
     log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f (BatchNorm statistics: %s; "
         "global %.4f / per subject %.4f weighted F1) | results: %s", store.results["best_round"],

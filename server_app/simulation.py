@@ -27,7 +27,7 @@ import tomli_w
 
 from server_app.config import RunConfig
 from server_app.deploy import (FINISHED_OK, REPO_ROOT, DeployError, base_env, flwr_bin, flwr_cli, free_port,
-                               marked_pids, parse_json_output, stop_pids)
+                               parse_json_output, stop_pids)
 
 
 POLL_S = 15.0

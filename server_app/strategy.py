@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Result
 
+from server_app.contribution import clustered_shapley_weights, contribution_weights
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
 
 
@@ -143,6 +144,7 @@ class MagnetFedAvg(FedAvg):
         self.store = store
         self.subject_of_node: dict[int, int] = {}
         self.best_arrays: ArrayRecord | None = None
+        self.aggregation_info: dict[str, Any] = {}  # what `aggregate` wants recorded for the round
 
     # ----- hooks other strategies override
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -230,6 +232,7 @@ class MagnetFedAvg(FedAvg):
         if len(replies) < self.min_train_replies:
             raise FederationError(f"round {server_round}: {len(replies)} successful replies, fewer than "
                                   f"min-train-replies={self.min_train_replies}; failures: {failures}")
+        self.aggregation_info = {}
         new_state = self.aggregate(server_round, replies, ok_messages)
         n = sum(r.num_examples for r in replies)
         info = {
@@ -243,6 +246,8 @@ class MagnetFedAvg(FedAvg):
             "bytes_up": int(sum(r.bytes_up for r in replies)),
             "client_train_s": time.time() - t0,
         }
+        if self.aggregation_info:
+            info["aggregation"] = self.aggregation_info
         return numpy_to_arrays(new_state), info
 
     # ----- the loop
@@ -309,6 +314,71 @@ class MagnetFedProx(MagnetFedAvg):
         return {"proximal-mu": float(self.proximal_mu)}
 
 
+class MagnetFedMobile(MagnetFedAvg):
+    """FedMobile-style aggregation (arXiv 2502.15839) for federations with missing modalities.
+
+    * Everything but the latent generators is averaged with contribution-aware weights: a mix of each client's
+      sample share, local validation F1 share and loss-reduction share on its held-out windows
+      (`contribution_weights`).
+    * The generators (cross-modal latent reconstruction, `model/generators.py`) are averaged with clustered
+      Shapley weights: their outputs on a server-held proxy set are clustered, the clusters play an exact
+      Shapley game whose value is the reconstruction gain of their averaged generator on that proxy set.
+    """
+
+    name = "fedmobile"
+
+    def __init__(self, *, fedmobile_mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 local_val_fraction: float = 0.1, shapley_clusters: int = 3, generator_proxy: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not local_val_fraction > 0:
+            raise ValueError("fedmobile needs local-val-fraction > 0: its weights use the clients' local validation")
+        self.mix = tuple(float(m) for m in fedmobile_mix)
+        self.local_val_fraction = local_val_fraction
+        self.shapley_clusters = shapley_clusters
+        self.generator_proxy = generator_proxy
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        return {"local-val-fraction": float(self.local_val_fraction)}
+
+    def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
+        for r in replies:
+            if "local_val_weighted_f1" not in r.metrics:
+                raise FederationError(f"subject {r.subject:02d} sent no local validation metrics: is its ClientApp "
+                                      "this project's, and was local-val-fraction sent?")
+        f1 = [r.metrics["local_val_weighted_f1"] for r in replies]
+        gain = [r.metrics["local_val_loss_before"] - r.metrics["local_val_loss_after"] for r in replies]
+        return contribution_weights([r.num_examples for r in replies], f1, gain, self.mix).tolist()
+
+    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
+        weights = self.aggregation_weights(replies)
+        keys = list(replies[0].state)
+        gen_keys = [k for k in keys if k.startswith("generators.")]
+        body = weighted_average([{k: r.state[k] for k in keys if k not in gen_keys} for r in replies], weights)
+        info: dict[str, Any] = {"weights": {str(r.subject): w for r, w in zip(replies, weights)}}
+        if gen_keys:
+            gens = [{k: r.state[k] for k in gen_keys} for r in replies]
+            sizes = [float(r.num_examples) for r in replies]
+            if self.generator_proxy is not None and len(replies) > 1:
+                proxy = self.generator_proxy
+                proxy.prepare({**body, **gens[0]})
+                outputs = np.stack([proxy.outputs(g) for g in gens])
+
+                def coalition_value(members: list[int]) -> float:
+                    return proxy.value(weighted_average([gens[i] for i in members], [sizes[i] for i in members]))
+
+                gen_w, details = clustered_shapley_weights(outputs, sizes, self.shapley_clusters, coalition_value,
+                                                           seed=server_round)
+                info["generators"] = {"clusters": {str(r.subject): c for r, c in zip(replies, details["clusters"])},
+                                      "shapley": details["shapley"],
+                                      "weights": {str(r.subject): w for r, w in zip(replies, details["weights"])}}
+            else:
+                gen_w = sizes
+            body.update(weighted_average(gens, list(gen_w)))
+        self.aggregation_info = info
+        return {k: body[k] for k in keys}
+
+
 class _FlowerRobust(MagnetFedAvg):
     """Byzantine-robust aggregation delegated to Flower's own strategy of the same name (its
     `aggregate_train` on the round's successful replies); sampling, validation, early stopping and
@@ -353,7 +423,8 @@ class MagnetKrum(_FlowerRobust):
 
 
 STRATEGIES: dict[str, type[MagnetFedAvg]] = {
-    cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx, MagnetFedMedian, MagnetFedTrimmedAvg, MagnetKrum)}
+    cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx, MagnetFedMobile, MagnetFedMedian, MagnetFedTrimmedAvg,
+                              MagnetKrum)}
 
 
 def build_strategy(name: str, **kwargs: Any) -> MagnetFedAvg:

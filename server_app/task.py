@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 
 from data_partition import (PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split,
                             resolve_source)
 from model import PRESETS, build_model
 from server_app.config import RunConfig
+from server_app.scenario import Scenario
 
 
 def device() -> torch.device:
@@ -53,22 +55,36 @@ def subject_of_partition(cfg: RunConfig, node_config: dict) -> int:
     return split.train[pid]
 
 
+def scenario(cfg: RunConfig) -> Scenario:
+    return Scenario.from_config(cfg, paper_split(cfg.split_seed).train)
+
+
 def dataset(cfg: RunConfig, subjects, *, train: bool) -> WindowDataset:
-    """Windows of `subjects`, normalised with the train-subject statistics; noise only when `train`."""
+    """Windows of `subjects`, normalised with the train-subject statistics; noise only when `train`. The run's
+    scenario decides which modalities are absent (and, for a poisoned client's training data, the labels)."""
     cache, _, stats = open_data(cfg)
-    return WindowDataset(cache, list(subjects), stats, normalization=cfg.normalization,
-                         augment_sigma=cfg.augment_sigma if train else 0.0, seed=cfg.seed)
+    subjects = [int(s) for s in subjects]
+    sc = scenario(cfg)
+    masks = labels = None
+    if sc.active:
+        sizes = [cache.subject_rows(s).stop - cache.subject_rows(s).start for s in subjects]
+        masks = np.concatenate([sc.masks(s, n, train=train) for s, n in zip(subjects, sizes)])
+        if train and sc.poisoned_subjects:
+            y = cache.index["label"].to_numpy(np.int64)
+            labels = np.concatenate([sc.labels(s, y[cache.subject_rows(s)]) for s in subjects])
+    return WindowDataset(cache, subjects, stats, normalization=cfg.normalization,
+                         augment_sigma=cfg.augment_sigma if train else 0.0, seed=cfg.seed, masks=masks, labels=labels)
 
 
 @functools.lru_cache(maxsize=2)
-def _model(preset: str, fusion: str, modalities: tuple[str, ...]):
-    return build_model(preset, fusion=fusion, modalities=modalities)
+def _model(preset: str, fusion: str, modalities: tuple[str, ...], latent_generators: bool):
+    return build_model(preset, fusion=fusion, modalities=modalities, latent_generators=latent_generators)
 
 
 def model_for(cfg: RunConfig) -> torch.nn.Module:
     """A process-wide model instance; callers load the trainable state they need into it. Everything that
     changes during training travels in that state, so reuse across rounds is safe."""
-    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list)
+    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list, cfg.latent_generators)
 
 
 def set_threads(cfg: RunConfig) -> None:

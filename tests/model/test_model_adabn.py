@@ -25,3 +25,23 @@ def test_adapt_batchnorm_replaces_statistics_with_the_loaders_and_keeps_weights(
     assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
     fresh = build_model(tiny, "magnet", seed=0)
     assert any(not torch.allclose(after[k], trainable_state(fresh)[k]) for k in after)
+
+
+def test_evaluate_per_subject_pools_predictions_and_leaves_the_state_alone(tiny):
+    import numpy as np
+
+    from model import evaluate, evaluate_per_subject
+
+    model = build_model(tiny, "magnet", seed=0).eval()
+    a, b = make_batch(tiny, b=8, seed=1), make_batch(tiny, b=6, seed=2)
+    for m in ("act", "acw", "dc", "pm"):
+        b[m] = b[m] * 2 + 3  # a second "subject" with other statistics
+    state = {k: v.clone() for k, v in trainable_state(model).items()}
+    plain = evaluate_per_subject(model, {1: [a], 2: [b]}, "cpu", adapt_bn=False)
+    np.testing.assert_allclose(plain["probabilities"],
+                               np.concatenate([evaluate(model, [a], "cpu")["probabilities"],
+                                               evaluate(model, [b], "cpu")["probabilities"]]), rtol=1e-5)
+    assert plain["n"] == 14
+    adapted = evaluate_per_subject(model, {1: [a], 2: [b]}, "cpu", adapt_bn=True)
+    assert not np.allclose(adapted["probabilities"], plain["probabilities"])  # each subject's own statistics
+    assert all(torch.equal(v, state[k]) for k, v in trainable_state(model).items())

@@ -1,0 +1,75 @@
+"""The server-held proxy set on which FedMobile-style aggregation scores the clients' latent generators.
+
+A seeded sample of validation windows with every modality present: their real embeddings under the newly
+aggregated encoders are the targets; a generator's value is how much better than "predict zeros" it
+reconstructs each modality from a random subset of the others.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from model import load_trainable_state
+from server_app import task
+from server_app.config import RunConfig
+
+GEN_PREFIX = "generators."
+
+
+class GeneratorProxy:
+    def __init__(self, cfg: RunConfig, subjects, size: int, seed: int = 0, cluster_windows: int = 64) -> None:
+        data = task.dataset(cfg.replace(missing_at_eval=False, missing_rate=0.0), list(subjects), train=False)
+        rng = np.random.default_rng([seed, 11])
+        idx = np.sort(rng.choice(len(data), size=min(size, len(data)), replace=False))
+        self.loader = DataLoader(Subset(data, idx.tolist()), batch_size=cfg.eval_batch_size)
+        self.cfg = cfg
+        self.cluster_windows = cluster_windows
+        self.model = task.model_for(cfg)
+        if self.model.generators is None:
+            raise ValueError("GeneratorProxy needs a model with latent generators (strategy 'fedmobile')")
+        self.generators = copy.deepcopy(self.model.generators).eval()
+        m = len(self.model.modalities)
+        g = torch.Generator().manual_seed(seed)
+        self.inputs = torch.rand(len(idx), m, generator=g) >= 0.5  # which other modalities each target sees
+        self.embeddings: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self, global_state: dict) -> None:
+        """Real embeddings [N, M, d] of the proxy windows under the aggregated encoders."""
+        load_trainable_state(self.model, {k: torch.as_tensor(v) for k, v in global_state.items()})
+        was = self.model.training
+        self.model.eval()
+        parts = [self.model.embed(batch)[0].float().cpu() for batch in self.loader]
+        self.model.train(was)
+        self.embeddings = torch.cat(parts)
+
+    @torch.no_grad()
+    def _generate(self, gen_state: dict, rows: slice = slice(None)) -> list[torch.Tensor]:
+        if self.embeddings is None:
+            raise RuntimeError("call prepare() with the aggregated state first")
+        sd = {k[len(GEN_PREFIX):]: torch.as_tensor(v) for k, v in gen_state.items()}
+        self.generators.load_state_dict(sd, strict=True)
+        e = self.embeddings[rows]
+        out = []
+        for j in range(e.shape[1]):
+            avail = self.inputs[rows].clone()
+            avail[:, j] = False
+            none = ~avail.any(1)
+            avail[none] = True
+            avail[none, j] = False
+            out.append(self.generators.generate(e, avail, j))
+        return out
+
+    def outputs(self, gen_state: dict) -> np.ndarray:
+        """A generator's outputs on the first proxy windows, flattened (what clustering compares)."""
+        return torch.stack(self._generate(gen_state, slice(0, self.cluster_windows)), 1).flatten().numpy()
+
+    def value(self, gen_state: dict) -> float:
+        """Reconstruction gain over predicting zeros: mean_j (‖E_j‖² − ‖G_j − E_j‖²) per element."""
+        e = self.embeddings
+        preds = self._generate(gen_state)
+        return float(np.mean([float((e[:, j] ** 2).mean() - ((p - e[:, j]) ** 2).mean()) for j, p in enumerate(preds)]))

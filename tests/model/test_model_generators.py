@@ -1,0 +1,75 @@
+"""Cross-modal latent generators (FedMobile-style): they fill absent modalities, join the fusion, receive
+gradients, and distillation teaches them to reconstruct a modality's embedding."""
+
+import torch
+from model_testutils import make_batch
+
+from model import TrainConfig, build_model, fit, trainable_state_keys
+from model.generators import LatentGenerators
+
+
+def test_generator_model_fills_absent_modalities_and_has_no_tokens(tiny):
+    model = build_model(tiny, "magnet", seed=0, latent_generators=True).eval()
+    assert len(model.missing_tokens) == 0
+    assert any(k.startswith("generators.") for k in trainable_state_keys(model))
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[:3, 2] = False  # dc absent on half the batch
+    batch = make_batch(tiny, b=6, mask=mask)
+    with torch.no_grad():
+        before, _ = model(batch)
+        for p in model.generators.nets[2].parameters():
+            p.add_(0.5)
+        after, _ = model(batch)
+    assert before.shape == (6, 7)
+    assert not torch.allclose(before[:3], after[:3])  # the generated dc embedding reaches the logits
+    torch.testing.assert_close(before[3:], after[3:])  # samples with every modality never use a generator
+    # the FedAvg model is unchanged: learned tokens, no generators
+    plain = build_model(tiny, "magnet", seed=0)
+    assert plain.generators is None and len(plain.missing_tokens) == 4
+
+
+def test_every_parameter_of_a_generator_model_gets_gradient_in_fit(tiny):
+    torch.manual_seed(0)
+    model = build_model(tiny, "magnet", seed=0, latent_generators=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in params.items()}
+    batches = []
+    for step in range(6):
+        mask = torch.rand(8, 4, generator=torch.Generator().manual_seed(step)) > 0.4
+        mask[:, 0] |= ~mask.any(1)
+        batches.append(make_batch(tiny, b=8, mask=mask, seed=step))
+    hist = fit(model, batches, TrainConfig(lr=1e-2, grad_accum=1, epochs=2), device="cpu", log=None)
+    assert hist[-1]["train_generator"] > 0
+    unchanged = [n for n, p in params.items() if torch.equal(p.detach(), start[n])]
+    assert not unchanged, f"never updated: {unchanged}"
+
+
+def test_distillation_reduces_reconstruction_loss():
+    torch.manual_seed(0)
+    gen = LatentGenerators(3, 8)
+    m1, m2 = torch.randn(8, 8) / 8**0.5, torch.randn(8, 8) / 8**0.5
+    opt = torch.optim.Adam(gen.parameters(), lr=3e-3)
+
+    def sample(n=64):  # three views of one latent: each modality is predictable from any other
+        a = torch.randn(n, 8)
+        return torch.stack([a, a @ m1, torch.tanh(a @ m2)], 1), torch.rand(n, 3) > 0.2
+
+    e, present = sample(512)
+    gen.eval()
+    with torch.no_grad():
+        first = float(gen.distill_loss(e, present))
+    gen.train()
+    for _ in range(300):
+        loss = gen.distill_loss(*sample())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gen.eval()
+    with torch.no_grad():
+        last = float(gen.distill_loss(e, present))
+    assert last < 0.3 * first, (first, last)
+    # a filled embedding equals the generator's output from the present modalities
+    only_a = torch.tensor([[True, False, False]]).expand(512, 3)
+    filled = gen.fill(e, only_a)
+    torch.testing.assert_close(filled[:, 0], e[:, 0])
+    torch.testing.assert_close(filled[:, 2], gen.generate(e, only_a, 2))
