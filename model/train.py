@@ -1,7 +1,11 @@
 """Centralized training + evaluation on the paper split (21 train / 3 val / 6 test subjects).
 
     python -m model.train --preset compact --fusion magnet --modalities act,acw,dc,pm --seed 0 \
-        --epochs 20 --data-path /path/to/MEx.zip --output-dir outputs/central
+        --epochs 25 --lr 1e-3 --data-path /path/to/MEx.zip --output-dir outputs/central
+
+Configured by the federated run's keys (pyproject.toml `[tool.flwr.app.config]`, validated by the same
+`RunConfig`), through `--run-config "key=value ..."` or the shortcut flags; only epochs and centralized-only
+options (monitor, label smoothing, modality dropout, subject batches) are separate flags.
 
 Trains on the training subjects, selects the epoch on the validation subjects (early stopping
 restores the best), evaluates the test subjects once, and writes ``<output-dir>/<run>/``:
@@ -12,6 +16,7 @@ restores the best), evaluates the test subjects once, and writes ``<output-dir>/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,44 +32,71 @@ from .config import MODALITIES, get_config
 from .network import build_model, count_parameters
 from .plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
 from .state import save_checkpoint, state_nbytes, trainable_state
-from .training import TrainConfig, class_weights_from_labels, evaluate_per_subject, fit, jsonable_metrics
+from .training import class_weights_from_labels, evaluate_per_subject, fit, jsonable_metrics
+
+
+# shortcut flag -> run-config key (pyproject.toml [tool.flwr.app.config]); every other key via --run-config
+SHORTCUTS = {"--preset": "model-preset", "--fusion": "fusion", "--modalities": "modalities", "--seed": "seed",
+             "--split-seed": "split-seed", "--data-path": "data-path", "--output-dir": "output-dir",
+             "--run-name": "run-name", "--lr": "lr", "--weight-decay": "weight-decay", "--batch-size": "batch-size",
+             "--grad-accum": "grad-accum", "--patience": "patience", "--augment-sigma": "augment-sigma",
+             "--normalization": "normalization", "--threads": "num-threads", "--bn-stats": "eval-bn-stats"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="compact", help="paper | compact | tiny")
-    ap.add_argument("--fusion", default="magnet", help="magnet | concat | attention | lstm | dart")
-    ap.add_argument("--modalities", default=",".join(MODALITIES))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split-seed", type=int, default=42)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--data-path", default=None, help="MEx zip or folder (default: $FEDTIME_DATA_PATH or download)")
+    ap.add_argument("--run-config", default="",
+                    help="run-config keys as for `flwr run --run-config`, e.g. \"lr=1e-3 model-preset='tiny'\"; "
+                         "defaults are pyproject.toml's")
+    for flag, key in SHORTCUTS.items():
+        ap.add_argument(flag, dest=key.replace("-", "_"), default=None, help=f"= run-config key '{key}'")
+    ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--output-dir", default="outputs/central")
-    ap.add_argument("--run-name", default=None, help="default: <preset>-<fusion>-<modalities>-s<seed>")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--grad-accum", type=int, default=6)
-    ap.add_argument("--patience", type=int, default=6)
     ap.add_argument("--monitor", default="weighted_f1", help="validation metric: weighted_f1 | accuracy | macro_f1 | loss")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--modality-dropout", type=float, default=0.0,
                     help="training-only: drop each present modality of a sample with this probability")
-    ap.add_argument("--augment-sigma", type=float, default=0.0, help="training-only Gaussian noise on act/acw")
-    ap.add_argument("--normalization", default="global", choices=["global", "per_window"])
-    ap.add_argument("--subject-batches", action="store_true",
-                    help="every training batch from one subject, as on a federated client (BatchNorm then "
-                         "learns per-subject normalisation; pair with --bn-stats subject)")
-    ap.add_argument("--bn-stats", default="global", choices=["global", "subject"],
-                    help="validation/test BatchNorm statistics: aggregated ('global') or re-estimated on each "
-                         "held-out subject's own windows ('subject', AdaBN)")
+    ap.add_argument("--subject-batches", choices=["auto", "on", "off"], default="auto",
+                    help="every training batch from one subject, as on a federated client (BatchNorm then learns "
+                         "per-subject normalisation); auto = on when eval-bn-stats is 'subject'")
     ap.add_argument("--no-class-weights", action="store_true")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke runs)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     return ap.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace):
+    """The federated run's dataclass (server_app/config.py, no Flower inside) from --run-config and the
+    shortcut flags: one set of keys, defaults and checks for both ways of training."""
+    import shlex
+    import tomllib
+
+    from server_app.config import RunConfig
+
+    values: dict = {}
+    for item in shlex.split(args.run_config, posix=False):  # keep quotes: values are TOML, as for flwr run
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run-config: expected key=value, got '{item}'")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise SystemExit(f"--run-config: the value of '{key}' is not a TOML value: {raw} "
+                             "(strings need quotes)") from None
+    for flag, key in SHORTCUTS.items():
+        given = getattr(args, key.replace("-", "_"))
+        if given is not None:
+            values[key] = given
+    defaults = RunConfig()
+    for key, value in list(values.items()):  # flags arrive as strings: read non-string keys as TOML values
+        if isinstance(value, str) and not isinstance(getattr(defaults, key.replace("-", "_"), ""), str):
+            try:
+                values[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                pass  # RunConfig names the key and the type it expects
+    values.setdefault("output-dir", "outputs/central")
+    return RunConfig.from_run_config(values)
 
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int):
@@ -99,55 +131,56 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from data_partition import PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rc = run_config(args)
+    torch.set_num_threads(rc.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    mods = tuple(m for m in MODALITIES if m in {s.strip() for s in args.modalities.split(",")})
-    cfg = get_config(args.preset)
-    run = args.run_name or f"{args.preset}-{args.fusion}-{'+'.join(mods)}-s{args.seed}"
-    out = Path(args.output_dir) / run
+    mods = tuple(m for m in MODALITIES if m in rc.modality_list)
+    cfg = get_config(rc.model_preset)
+    run = rc.run_name or f"{rc.model_preset}-{rc.fusion}-{'+'.join(mods)}-s{rc.seed}"
+    out = Path(rc.output_dir) / run
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    torch.manual_seed(rc.seed)
+    np.random.seed(rc.seed)
+    data_path = rc.data_source()
+    subject_batches = args.subject_batches == "on" or (args.subject_batches == "auto" and rc.eval_bn_stats == "subject")
 
     t0 = time.perf_counter()
     pre = PreprocessConfig(acc_hz=cfg.acc_hz, frame_hz=cfg.frame_hz, window_s=cfg.window_s)
-    split = paper_split(args.split_seed)
-    cache = load_cache(args.data_path, pre, args.cache_dir)
-    stats = load_split_stats(args.data_path, pre, split.train, cache_dir=args.cache_dir) if args.normalization == "global" else None
-    train_ds = WindowDataset(cache, split.train, stats, normalization=args.normalization,
-                             augment_sigma=args.augment_sigma, seed=args.seed)
-    val_ds = WindowDataset(cache, split.val, stats, normalization=args.normalization)
-    test_ds = WindowDataset(cache, split.test, stats, normalization=args.normalization)
+    split = paper_split(rc.split_seed)
+    cache = load_cache(data_path, pre, args.cache_dir)
+    stats = load_split_stats(data_path, pre, split.train, cache_dir=args.cache_dir) if rc.normalization == "global" else None
+    train_ds = WindowDataset(cache, split.train, stats, normalization=rc.normalization,
+                             augment_sigma=rc.augment_sigma, seed=rc.seed)
+    val_ds = WindowDataset(cache, split.val, stats, normalization=rc.normalization)
+    test_ds = WindowDataset(cache, split.test, stats, normalization=rc.normalization)
     t_data = time.perf_counter() - t0
     print(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test windows "
           f"(acc {cfg.acc_hz:g} Hz, frames {cfg.frame_hz:g} Hz) in {t_data:.1f}s", flush=True)
 
-    model = build_model(cfg, args.fusion, mods, seed=args.seed)
+    model = build_model(cfg, rc.fusion, mods, seed=rc.seed)
     pc = count_parameters(model)
     ts_bytes = state_nbytes(trainable_state(model))
-    print(f"model: {args.preset}/{args.fusion} on {'+'.join(model.modalities)}: {pc['total']:,} params, "
+    print(f"model: {rc.model_preset}/{rc.fusion} on {'+'.join(model.modalities)}: {pc['total']:,} params, "
           f"{pc['trainable']:,} trainable; trainable state {ts_bytes:,} bytes; device {device}", flush=True)
     cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
-    tc = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     epochs=args.epochs, patience=args.patience, monitor=args.monitor,
-                     label_smoothing=args.label_smoothing, modality_dropout=args.modality_dropout,
-                     max_batches_per_epoch=args.max_batches, seed=args.seed)
-    if args.subject_batches:
+    tc = dataclasses.replace(rc.train_config(args.epochs), monitor=args.monitor, label_smoothing=args.label_smoothing,
+                             modality_dropout=args.modality_dropout, max_batches_per_epoch=args.max_batches,
+                             seed=rc.seed)
+    if subject_batches:
         from torch.utils.data import DataLoader
 
-        sampler = SubjectBatchSampler(train_ds.index["subject"].to_numpy(), args.batch_size, args.seed)
+        sampler = SubjectBatchSampler(train_ds.index["subject"].to_numpy(), rc.batch_size, rc.seed)
         train_loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=args.workers,
                                   persistent_workers=args.workers > 0)
     else:
-        train_loader = _loader(train_ds, args.batch_size, True, args.seed, args.workers)
+        train_loader = _loader(train_ds, rc.batch_size, True, rc.seed, args.workers)
 
     def per_subject(subjects) -> dict:
-        return {s: _loader(WindowDataset(cache, [s], stats, normalization=args.normalization), 64, False, 0, 0)
+        return {s: _loader(WindowDataset(cache, [s], stats, normalization=rc.normalization), rc.eval_batch_size, False, 0, 0)
                 for s in subjects}
 
     val_loaders, test_loaders = per_subject(split.val), per_subject(split.test)
-    adapt = args.bn_stats == "subject"
+    adapt = rc.eval_bn_stats == "subject"
 
     def validate(m):
         return evaluate_per_subject(m, val_loaders, device, adapt_bn=adapt)
@@ -164,7 +197,7 @@ def main(argv=None) -> dict:
     print(f"best epoch {history[-1].get('best_epoch')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "
           f"wF1 {test['weighted_f1']:.4f} mF1 {test['macro_f1']:.4f} (n={test['n']})", flush=True)
 
-    title = f"{args.preset}/{args.fusion} {'+'.join(model.modalities)} seed {args.seed}"
+    title = f"{rc.model_preset}/{rc.fusion} {'+'.join(model.modalities)} seed {rc.seed}"
     plot_learning_curves(history, out / "learning_curves.png", title)
     plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png", title=f"test: {title}")
     plot_pr_curves(test["labels"], test["probabilities"], out / "pr_curves.png", title=f"test: {title}")
@@ -178,7 +211,9 @@ def main(argv=None) -> dict:
         "mode": "centralized",
         "command": "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
-        "model": {"preset": args.preset, "fusion": args.fusion, "modalities": list(model.modalities),
+        "run_config": rc.to_run_config(),
+        "subject_batches": subject_batches,
+        "model": {"preset": rc.model_preset, "fusion": rc.fusion, "modalities": list(model.modalities),
                   "config": cfg.to_dict(), "params": pc, "bytes_trainable_state": ts_bytes},
         "train_config": tc.to_dict(),
         "preprocess": asdict(pre),
@@ -189,7 +224,7 @@ def main(argv=None) -> dict:
         "best_epoch": history[-1].get("best_epoch"),
         "val": jsonable_metrics(val),
         "test": jsonable_metrics(test),
-        "bn_stats": args.bn_stats,
+        "bn_stats": rc.eval_bn_stats,
         "test_by_bn_stats": {("subject" if adapt else "global"): {k: test[k] for k in ("accuracy", "weighted_f1", "macro_f1")},
                              ("global" if adapt else "subject"): {k: test_other[k] for k in ("accuracy", "weighted_f1", "macro_f1")}},
         "timing_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},

@@ -21,11 +21,28 @@ def test_subject_batch_sampler_keeps_subjects_apart_and_covers_every_window():
 def test_centralized_cli_trains_and_writes_results(mex_path, tmp_path):
     res = main(["--preset", "tiny", "--epochs", "2", "--max-batches", "30", "--batch-size", "16", "--grad-accum", "1",
                 "--lr", "3e-3", "--data-path", str(mex_path), "--output-dir", str(tmp_path), "--run-name", "t",
-                "--subject-batches", "--bn-stats", "subject", "--threads", "1"])
+                "--bn-stats", "subject", "--threads", "1", "--run-config", "augment-sigma=0.0 normalization='global'"])
     out = tmp_path / "t"
     saved = json.loads((out / "results.json").read_text())
     assert saved["bn_stats"] == "subject" and set(saved["test_by_bn_stats"]) == {"global", "subject"}
+    assert saved["subject_batches"] is True  # follows eval-bn-stats="subject" unless told otherwise
+    assert saved["run_config"]["model-preset"] == "tiny" and saved["run_config"]["augment-sigma"] == 0.0
+    assert saved["train_config"]["lr"] == 3e-3 and saved["train_config"]["epochs"] == 2
     assert saved["test"]["n"] == res["windows"]["test"] > 0
     assert len(saved["history"]) == 2 and all(h["train_samples"] > 0 for h in saved["history"])
     for name in ("best_model.safetensors", "learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_centralized_cli_shares_the_run_config_checks():
+    import pytest
+
+    from model.train import parse_args, run_config
+    from server_app.config import ConfigError
+
+    cfg = run_config(parse_args(["--preset", "tiny", "--lr", "1e-3", "--run-config", "seed=3 fusion='concat'"]))
+    assert (cfg.model_preset, cfg.lr, cfg.seed, cfg.fusion) == ("tiny", 1e-3, 3, "concat")
+    with pytest.raises(ConfigError, match="'lr' must be of type float"):
+        run_config(parse_args(["--lr", "fast"]))
+    with pytest.raises(ConfigError, match="unknown run-config key 'nokey'"):
+        run_config(parse_args(["--run-config", "nokey=1"]))
