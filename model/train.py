@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--monitor", default="weighted_f1", help="validation metric: weighted_f1 | accuracy | macro_f1 | loss")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--swa-start", type=int, default=0,
+                    help="> 0: train every epoch and keep the average of the weights from this epoch on (SWA)")
     ap.add_argument("--modality-dropout", type=float, default=0.0,
                     help="training-only: drop each present modality of a sample with this probability")
     ap.add_argument("--subject-batches", choices=["auto", "on", "off"], default="auto",
@@ -165,6 +167,7 @@ def main(argv=None) -> dict:
     cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
     tc = dataclasses.replace(rc.train_config(args.epochs), monitor=args.monitor, label_smoothing=args.label_smoothing,
                              modality_dropout=args.modality_dropout, max_batches_per_epoch=args.max_batches,
+                             swa_start=args.swa_start,
                              seed=rc.seed)
     if subject_batches:
         from torch.utils.data import DataLoader
@@ -194,11 +197,11 @@ def main(argv=None) -> dict:
     test_other = evaluate_per_subject(model, test_loaders, device, adapt_bn=not adapt)
     print(f"test weighted F1 with {'global' if adapt else 'per-subject'} BatchNorm statistics instead: "
           f"{test_other['weighted_f1']:.4f}", flush=True)
-    print(f"best epoch {history[-1].get('best_epoch')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "
+    print(f"best epoch {history[-1].get('best_epoch', 'swa')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "
           f"wF1 {test['weighted_f1']:.4f} mF1 {test['macro_f1']:.4f} (n={test['n']})", flush=True)
 
     title = f"{rc.model_preset}/{rc.fusion} {'+'.join(model.modalities)} seed {rc.seed}"
-    plot_learning_curves(history, out / "learning_curves.png", title)
+    plot_learning_curves([h for h in history if isinstance(h["epoch"], int)], out / "learning_curves.png", title)
     plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png", title=f"test: {title}")
     plot_pr_curves(test["labels"], test["probabilities"], out / "pr_curves.png", title=f"test: {title}")
     meta = {"run": run, "best_epoch": history[-1].get("best_epoch"), "val_weighted_f1": val["weighted_f1"],

@@ -35,6 +35,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     modality_dropout: float = 0.0  # training only: drop each present modality of a sample with this
     # probability (at least one stays), so the model learns to use any subset (missing modalities)
+    swa_start: int = 0  # > 0: average the trainable weights of epochs swa_start.. (SWA) instead of early stopping
     generator_weight: float = 1.0  # weight of the latent generators' distillation loss (models with generators)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
     seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
@@ -187,6 +188,9 @@ def fit(
 
     history: list[dict] = []
     best_score, best_epoch, best_state, bad = None, None, None, 0
+    swa: dict[str, torch.Tensor] | None = None
+    swa_n = 0
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -277,7 +281,14 @@ def fit(
                 f" | val loss {vm['loss']:.4f} acc {vm['accuracy']:.3f} wF1 {vm['weighted_f1']:.3f}"
                 f" mF1 {vm['macro_f1']:.3f}{' *' if improved else ''}"
             )
-            stop = bad >= cfg.patience
+            stop = bad >= cfg.patience and not cfg.swa_start
+        if cfg.swa_start and epoch >= cfg.swa_start:
+            swa_n += 1
+            if swa is None:
+                swa = {n: p.detach().clone() for n, p in named}
+            else:
+                for n, p in named:
+                    swa[n] += (p.detach() - swa[n]) / swa_n
         rec["epoch_time_s"] = time.perf_counter() - t0
         line += f" | lr {rec['lr']:.1e} | {rec['epoch_time_s']:.1f}s ({rec['train_windows_per_s']:.0f} win/s)"
         history.append(rec)
@@ -285,7 +296,19 @@ def fit(
         if stop:
             log(f"early stopping after epoch {epoch}: no {cfg.monitor} gain for {cfg.patience} epochs")
             break
-    if best_state is not None:
+    if swa is not None:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(swa[n])
+        adapt_batchnorm(model, train_loader, device)  # running statistics for the averaged weights
+        rec = {"epoch": "swa", "swa_epochs": swa_n}
+        if validate is not None:
+            vm = validate(model)
+            rec.update({f"val_{k}": vm[k] for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
+            log(f"SWA of epochs {cfg.swa_start}..{history[-1]['epoch']}: val wF1 {vm['weighted_f1']:.3f} "
+                f"mF1 {vm['macro_f1']:.3f}")
+        history.append(rec)
+    elif best_state is not None:
         load_trainable_state(model, best_state)
         if best_epoch != history[-1]["epoch"]:
             log(f"restored epoch {best_epoch} (best val {cfg.monitor} {best_score:.4f})")

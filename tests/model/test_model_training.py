@@ -141,3 +141,25 @@ def test_modality_dropout_keeps_one_and_only_drops():
     assert (new.any(1) == mask.any(1)).all()  # every sample that had one keeps one
     assert 0.3 < 1 - new.sum() / mask.sum() < 0.6
     assert torch.equal(drop_modalities(mask, 0.0), mask)
+
+
+def test_swa_averages_the_weights_of_the_last_epochs(tiny):
+    from model import TrainConfig, build_model, fit
+    from model_testutils import make_batch
+
+    torch.manual_seed(0)
+    model = build_model(tiny, "concat", seed=0)
+    batches = [make_batch(tiny, b=8, seed=i) for i in range(3)]
+    snapshots = []
+
+    def validate(m):
+        snapshots.append({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+        return {"loss": 1.0, "accuracy": 0.5, "weighted_f1": 0.5, "macro_f1": 0.5}
+
+    hist = fit(model, batches, TrainConfig(lr=1e-2, grad_accum=1, epochs=4, swa_start=2, patience=1), device="cpu",
+               validate=validate, log=None)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, "swa"]  # no early stopping with SWA (patience 1 ignored)
+    assert hist[-1]["swa_epochs"] == 3
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # the final weights: the mean of epochs 2, 3 and 4
+            torch.testing.assert_close(p.detach(), sum(s[n] for s in snapshots[1:4]) / 3, rtol=1e-5, atol=1e-6)
