@@ -32,8 +32,12 @@ SCENARIOS: dict[str, dict] = {
     "label-flip": {"poison": "label-flip", "poison-clients": 2},
     "scaled-update": {"poison": "scale", "poison-clients": 2, "poison-scale": 10.0},
 }
+# a table row: registered strategy name, or a variant = (strategy, extra run-config keys)
 STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmedavg": {"trim-beta": 0.2},
-                                  "krum": {"num-malicious": 2}}
+                                  "krum": {"num-malicious": 2},
+                                  # FedMobile's generators with plain sample weights: isolates the reconstruction
+                                  "fedmobile-samples": {"strategy": "fedmobile", "fedmobile-perf-weight": 0.0,
+                                                        "fedmobile-gain-weight": 0.0}}
 
 
 def _mean_std(xs: list[float]) -> str:
