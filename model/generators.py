@@ -36,6 +36,14 @@ class LatentGenerators(nn.Module):
         x = e.index_select(1, idx) * p.unsqueeze(-1)
         return self.nets[j](torch.cat([x.flatten(1), p], dim=1))
 
+    @staticmethod
+    def inputs_for(inputs: torch.Tensor, fallback: torch.Tensor, j: int) -> torch.Tensor:
+        """Which other modalities feed target ``j``: ``inputs`` without ``j``, or ``fallback`` without ``j`` for the
+        rows where that leaves none."""
+        avail, spare = inputs.clone(), fallback.clone()
+        avail[:, j] = spare[:, j] = False
+        return torch.where(avail.any(1, keepdim=True), avail, spare)
+
     def fill(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``e`` with every absent (sample, modality) replaced by its generated embedding."""
         src = e.detach()
@@ -57,12 +65,7 @@ class LatentGenerators(nn.Module):
             inputs = present & (torch.rand(present.shape, device=present.device) >= self.input_drop)
         losses = []
         for j in range(self.m):
-            avail = inputs.clone()
-            avail[:, j] = False
-            # where thinning removed every other modality, fall back to the ones actually present
-            fallback = present.clone()
-            fallback[:, j] = False
-            avail = torch.where(avail.any(1, keepdim=True), avail, fallback)
+            avail = self.inputs_for(inputs, present, j)  # thinned to nothing: the modalities actually present
             rows = present[:, j] & avail.any(1)
             if bool(rows.any()):
                 pred = self.generate(e[rows], avail[rows], j)

@@ -55,12 +55,9 @@ class GeneratorProxy:
         self.generators.load_state_dict(sd, strict=True)
         e = self.embeddings[rows]
         out = []
+        everything = torch.ones_like(self.inputs[rows])
         for j in range(e.shape[1]):
-            avail = self.inputs[rows].clone()
-            avail[:, j] = False
-            none = ~avail.any(1)
-            avail[none] = True
-            avail[none, j] = False
+            avail = self.generators.inputs_for(self.inputs[rows], everything, j)
             out.append(self.generators.generate(e, avail, j))
         return out
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_partition.constants import MODALITIES
 from data_partition.simulate import drop_modalities, flip_labels, full_masks, sample_missing_masks, select_clients
 from server_app.config import RunConfig
 
@@ -48,14 +49,12 @@ class Scenario:
         """Presence mask ``bool [n, 4]`` of a subject's windows (training windows or evaluation ones)."""
         m = full_masks(n)
         if self.missing_rate > 0 and (train or self.missing_at_eval):
-            rates = {mod: self.missing_rate for mod in ("act", "acw", "dc", "pm")}
+            rates = {mod: self.missing_rate for mod in MODALITIES}
             m = sample_missing_masks(n, rates, seed=self.seed * 100_003 + subject * 2 + (0 if train else 1))
         if train and subject in self.absent_subjects:
             m = m.copy()
-            kept = [j for j, mod in enumerate(("act", "acw", "dc", "pm")) if mod not in self.absent_modalities]
-            m[:, [j for j in range(4) if j not in kept]] = False
-            empty = ~m.any(axis=1)  # a window left with nothing keeps the first sensor this client has
-            m[empty, kept[0]] = True
+            kept = [j for j, mod in enumerate(MODALITIES) if mod not in self.absent_modalities]
+            m[~m[:, kept].any(axis=1), kept[0]] = True  # a window would be left empty: keep a sensor it has
             m = drop_modalities(m, self.absent_modalities)
         return m
 
