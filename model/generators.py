@@ -3,8 +3,18 @@
 One small MLP per modality predicts that modality's embedding from the embeddings of the others that are
 present. It is distilled towards the real embedding on samples where the modality is present (MSE in the
 shared latent space) and, where the modality is absent, its output replaces the learned "missing" token and
-joins the fusion graph as a node. Inputs and distillation targets are detached: reconstruction must never
-pull the encoders towards embeddings that are easy to predict.
+joins the fusion graph as a node.
+
+Three choices keep reconstruction from hurting the classifier (measured in docs/strategies.md):
+* It works on standardised embeddings (running mean/variance of each modality's real embeddings, tracked in
+  training like BatchNorm statistics): the last layer starts at zero, so a fresh generator predicts the mean
+  and its distillation loss is 1 − R², whatever scale the encoders drift to.
+* Generated embeddings are detached: only distillation trains a generator (the classification loss must not
+  turn it into a side classifier on detached features), and reconstruction never pulls on the encoders.
+* A modality's generated node joins the fusion only once its generator is good enough: ``quality`` (running
+  R² on training batches) above ``gate``; until then the absent modality is left out of the fusion.
+The statistics and the quality travel with the trainable state (``federated_buffers``), so the server
+averages them with the generators' weights.
 """
 
 from __future__ import annotations
@@ -13,28 +23,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+EPS = 1e-5
+
 
 class LatentGenerators(nn.Module):
-    def __init__(self, num_modalities: int, d: int, hidden: int | None = None, input_drop: float = 0.5):
+    federated_buffers = ("mean", "var", "quality")
+
+    def __init__(self, num_modalities: int, d: int, hidden: int | None = None, input_drop: float = 0.5,
+                 gate: float = 0.3, momentum: float = 0.05):
         super().__init__()
         if num_modalities < 2:
             raise ValueError("latent generators need at least two modalities")
         self.m, self.d = num_modalities, d
         self.input_drop = input_drop  # distillation sees random subsets of the other modalities
+        self.gate, self.momentum = gate, momentum
         hidden = hidden or 2 * d
         k = num_modalities - 1
         self.nets = nn.ModuleList(
             nn.Sequential(nn.Linear(k * (d + 1), hidden), nn.GELU(), nn.Linear(hidden, d)) for _ in range(num_modalities)
         )
+        for net in self.nets:  # a fresh generator predicts the running mean
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
         others = [[i for i in range(num_modalities) if i != j] for j in range(num_modalities)]
         self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
+        self.register_buffer("mean", torch.zeros(num_modalities, d))
+        self.register_buffer("var", torch.ones(num_modalities, d))
+        self.register_buffer("quality", torch.zeros(num_modalities))
+
+    def _standardise(self, e: torch.Tensor) -> torch.Tensor:
+        return (e - self.mean) * torch.rsqrt(self.var + EPS)
+
+    def _predict(self, z: torch.Tensor, present: torch.Tensor, j: int) -> torch.Tensor:
+        """Standardised embedding of modality ``j`` from the present others of ``z`` ``[B, M, d]``."""
+        idx = self.others[j]
+        p = present.index_select(1, idx).to(z.dtype)
+        x = z.index_select(1, idx) * p.unsqueeze(-1)
+        return self.nets[j](torch.cat([x.flatten(1), p], dim=1))
 
     def generate(self, e: torch.Tensor, present: torch.Tensor, j: int) -> torch.Tensor:
         """Embedding of modality ``j`` ``[B, d]`` from the present other modalities of ``e`` ``[B, M, d]``."""
-        idx = self.others[j]
-        p = present.index_select(1, idx).to(e.dtype)
-        x = e.index_select(1, idx) * p.unsqueeze(-1)
-        return self.nets[j](torch.cat([x.flatten(1), p], dim=1))
+        z = self._predict(self._standardise(e), present, j)
+        return self.mean[j] + z * torch.sqrt(self.var[j] + EPS)
 
     @staticmethod
     def inputs_for(inputs: torch.Tensor, fallback: torch.Tensor, j: int) -> torch.Tensor:
@@ -44,22 +74,43 @@ class LatentGenerators(nn.Module):
         avail[:, j] = spare[:, j] = False
         return torch.where(avail.any(1, keepdim=True), avail, spare)
 
-    def fill(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """``e`` with every absent (sample, modality) replaced by its generated embedding."""
+    def usable(self) -> torch.Tensor:
+        """``bool [M]``: whose generated embeddings join the fusion."""
+        return self.quality > self.gate
+
+    def fill(self, e: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, present)`` with every absent (sample, modality) whose generator is usable replaced by its
+        (detached) generated embedding and marked present."""
         src = e.detach()
-        cols = []
+        usable = self.usable()
+        cols, now = [], present.clone()
         for j in range(self.m):
             absent = ~present[:, j]
-            if bool(absent.any()):
-                cols.append(torch.where(absent.unsqueeze(-1), self.generate(src, present, j), e[:, j]))
+            if bool(usable[j]) and bool(absent.any()):
+                with torch.no_grad():
+                    g = self.generate(src, present, j)
+                cols.append(torch.where(absent.unsqueeze(-1), g.to(e.dtype), e[:, j]))
+                now[:, j] = True
             else:
                 cols.append(e[:, j])
-        return torch.stack(cols, dim=1)
+        return torch.stack(cols, dim=1), now
+
+    @torch.no_grad()
+    def _track(self, e: torch.Tensor, present: torch.Tensor) -> None:
+        for j in range(self.m):
+            x = e[present[:, j], j]
+            if len(x) > 1:
+                self.mean[j].lerp_(x.mean(0), self.momentum)
+                self.var[j].lerp_(x.var(0), self.momentum)
 
     def distill_loss(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Mean over modalities of the MSE between generated and real embeddings, on the samples where the
-        modality is present and at least one other (randomly thinned) modality is too."""
-        e = e.detach()
+        """Mean over modalities of the MSE between generated and real standardised embeddings (1 − R²), on the
+        samples where the modality is present and at least one other (randomly thinned) modality is too. In
+        training it also updates the running statistics and each generator's quality."""
+        e = e.detach().float()
+        if self.training:
+            self._track(e, present)
+        z = self._standardise(e)
         inputs = present
         if self.training and self.input_drop > 0:
             inputs = present & (torch.rand(present.shape, device=present.device) >= self.input_drop)
@@ -68,8 +119,11 @@ class LatentGenerators(nn.Module):
             avail = self.inputs_for(inputs, present, j)  # thinned to nothing: the modalities actually present
             rows = present[:, j] & avail.any(1)
             if bool(rows.any()):
-                pred = self.generate(e[rows], avail[rows], j)
-                losses.append(F.mse_loss(pred, e[rows, j]))
+                loss = F.mse_loss(self._predict(z[rows], avail[rows], j), z[rows, j])
+                if self.training:
+                    with torch.no_grad():
+                        self.quality[j].lerp_(1.0 - loss.detach(), self.momentum)
+                losses.append(loss)
         if not losses:
             return e.new_zeros(())
         return torch.stack(losses).mean()

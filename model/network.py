@@ -131,8 +131,7 @@ class MultimodalHAR(nn.Module):
             if self.training:
                 self.generator_loss = self.generators.distill_loss(e, present)
             if not bool(present.all()):
-                e = self.generators.fill(e, present)
-                present = torch.ones_like(present)
+                e, present = self.generators.fill(e, present)
         feats, aux = self.fusion(e, present)
         return self.classifier(feats), aux
 

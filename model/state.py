@@ -18,12 +18,14 @@ BN_STATS = ("running_mean", "running_var")
 def trainable_state_keys(model: nn.Module) -> list[str]:
     """Names (``state_dict`` order) of what a client sends: every parameter with
     ``requires_grad`` (LoRA, CNNs, fusion, classifier, missing tokens) plus the BatchNorm running
-    mean/var. Excluded: the frozen T5 base weights (rebuilt from the seed everywhere) and
+    mean/var and the buffers a module lists in ``federated_buffers`` (the generators' statistics). Excluded: the frozen T5 base weights (rebuilt from the seed everywhere) and
     ``num_batches_tracked`` (an integer counter only used when ``momentum=None``; we never do)."""
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     for mname, mod in model.named_modules():
         if isinstance(mod, _BatchNorm) and mod.track_running_stats:
             wanted.update(f"{mname}.{b}" if mname else b for b in BN_STATS)
+        for b in getattr(mod, "federated_buffers", ()):  # running statistics a module learns (generators)
+            wanted.add(f"{mname}.{b}" if mname else b)
     return [k for k in model.state_dict(keep_vars=True) if k in wanted]
 
 

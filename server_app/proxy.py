@@ -1,7 +1,7 @@
 """The server-held proxy set on which FedMobile-style aggregation scores the clients' latent generators.
 
 A seeded sample of validation windows with every modality present: their real embeddings under the newly
-aggregated encoders are the targets; a generator's value is how much better than "predict zeros" it
+aggregated encoders are the targets; a generator's value is the R² with which it
 reconstructs each modality from a random subset of the others.
 """
 
@@ -66,7 +66,9 @@ class GeneratorProxy:
         return torch.stack(self._generate(gen_state, slice(0, self.cluster_windows)), 1).flatten().numpy()
 
     def value(self, gen_state: dict) -> float:
-        """Reconstruction gain over predicting zeros: mean_j (‖E_j‖² − ‖G_j − E_j‖²) per element."""
+        """Reconstruction R² on the proxy set, averaged over modalities: 1 − MSE_j / Var_j, so a generator that
+        predicts each modality's mean scores 0 (the value of the empty coalition)."""
         e = self.embeddings
         preds = self._generate(gen_state)
-        return float(np.mean([float((e[:, j] ** 2).mean() - ((p - e[:, j]) ** 2).mean()) for j, p in enumerate(preds)]))
+        return float(np.mean([1.0 - float(((p - e[:, j]) ** 2).mean() / e[:, j].var(0).mean().clamp_min(1e-12))
+                              for j, p in enumerate(preds)]))

@@ -375,6 +375,8 @@ class MagnetFedMobile(MagnetFedAvg):
             else:
                 gen_w = sizes
             body.update(weighted_average(gens, list(gen_w)))
+            if "generators.quality" in body:  # running R² per modality: which generated nodes join the fusion
+                info["generator_quality"] = [round(float(q), 4) for q in body["generators.quality"]]
         self.aggregation_info = info
         return {k: body[k] for k in keys}
 

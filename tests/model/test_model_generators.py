@@ -1,5 +1,5 @@
-"""Cross-modal latent generators (FedMobile-style): they fill absent modalities, join the fusion, receive
-gradients, and distillation teaches them to reconstruct a modality's embedding."""
+"""Cross-modal latent generators (FedMobile-style): once good enough they fill absent modalities and join the
+fusion, only distillation trains them, and it teaches them to reconstruct a modality's embedding."""
 
 import torch
 from model_testutils import make_batch
@@ -11,21 +11,48 @@ from model.generators import LatentGenerators
 def test_generator_model_fills_absent_modalities_and_has_no_tokens(tiny):
     model = build_model(tiny, "magnet", seed=0, latent_generators=True).eval()
     assert len(model.missing_tokens) == 0
-    assert any(k.startswith("generators.") for k in trainable_state_keys(model))
+    keys = trainable_state_keys(model)
+    assert {"generators.mean", "generators.var", "generators.quality"} <= set(keys)  # averaged by the server
     mask = torch.ones(6, 4, dtype=torch.bool)
     mask[:3, 2] = False  # dc absent on half the batch
     batch = make_batch(tiny, b=6, mask=mask)
-    with torch.no_grad():
-        before, _ = model(batch)
-        for p in model.generators.nets[2].parameters():
-            p.add_(0.5)
-        after, _ = model(batch)
+
+    def logits_before_and_after_perturbing_the_dc_generator():
+        with torch.no_grad():
+            before, _ = model(batch)
+            for p in model.generators.nets[2].parameters():
+                p.add_(0.5)
+            after, _ = model(batch)
+        return before, after
+
+    # a generator below the quality gate is not used: dc stays out of the fusion
+    model.generators.quality.fill_(model.generators.gate - 0.1)
+    before, after = logits_before_and_after_perturbing_the_dc_generator()
+    torch.testing.assert_close(before, after)
+    # above the gate, the generated dc embedding reaches the logits of the samples without dc, and only theirs
+    model.generators.quality.fill_(model.generators.gate + 0.1)
+    before, after = logits_before_and_after_perturbing_the_dc_generator()
     assert before.shape == (6, 7)
-    assert not torch.allclose(before[:3], after[:3])  # the generated dc embedding reaches the logits
-    torch.testing.assert_close(before[3:], after[3:])  # samples with every modality never use a generator
+    assert not torch.allclose(before[:3], after[:3])
+    torch.testing.assert_close(before[3:], after[3:])
     # the FedAvg model is unchanged: learned tokens, no generators
     plain = build_model(tiny, "magnet", seed=0)
     assert plain.generators is None and len(plain.missing_tokens) == 4
+
+
+def test_classification_loss_never_reaches_generators(tiny):
+    model = build_model(tiny, "magnet", seed=0, latent_generators=True).train()
+    model.generators.quality.fill_(1.0)  # generated nodes join the fusion
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    mask[::2, 3] = False
+    logits, _ = model(make_batch(tiny, b=8, mask=mask))
+    logits.sum().backward()
+    grads = [p.grad for p in model.generators.parameters()]
+    assert all(g is None or not g.any() for g in grads)
+    model.zero_grad()
+    model(make_batch(tiny, b=8, mask=mask))
+    model.generator_loss.backward()  # distillation does (the zero-initialised output layer first)
+    assert all(p.grad is not None and p.grad.any() for p in model.generators.nets[3][-1].parameters())
 
 
 def test_every_parameter_of_a_generator_model_gets_gradient_in_fit(tiny):
@@ -44,20 +71,25 @@ def test_every_parameter_of_a_generator_model_gets_gradient_in_fit(tiny):
     assert not unchanged, f"never updated: {unchanged}"
 
 
-def test_distillation_reduces_reconstruction_loss():
+def test_distillation_reduces_reconstruction_loss_and_opens_the_gate():
     torch.manual_seed(0)
     gen = LatentGenerators(3, 8)
     m1, m2 = torch.randn(8, 8) / 8**0.5, torch.randn(8, 8) / 8**0.5
     opt = torch.optim.Adam(gen.parameters(), lr=3e-3)
 
-    def sample(n=64):  # three views of one latent: each modality is predictable from any other
+    def sample(n=64):  # three views of one latent, shifted and scaled: each is predictable from any other
         a = torch.randn(n, 8)
-        return torch.stack([a, a @ m1, torch.tanh(a @ m2)], 1), torch.rand(n, 3) > 0.2
+        return torch.stack([a, 3.0 + a @ m1, 0.1 * torch.tanh(a @ m2)], 1), torch.rand(n, 3) > 0.2
 
     e, present = sample(512)
-    gen.eval()
     with torch.no_grad():
+        gen.train()
+        for _ in range(200):  # running statistics from real embeddings (a fresh generator predicts the mean)
+            gen.distill_loss(e, present)
+        gen.eval()
         first = float(gen.distill_loss(e, present))
+    assert 0.8 < first < 1.5  # standardised MSE of predicting the mean: about 1 - R² = 1
+    assert not gen.usable().any()
     gen.train()
     for _ in range(300):
         loss = gen.distill_loss(*sample())
@@ -68,8 +100,11 @@ def test_distillation_reduces_reconstruction_loss():
     with torch.no_grad():
         last = float(gen.distill_loss(e, present))
     assert last < 0.3 * first, (first, last)
-    # a filled embedding equals the generator's output from the present modalities
+    assert gen.usable().all(), gen.quality  # running R² on training batches passed the gate
+    torch.testing.assert_close(gen.mean[1], torch.full((8,), 3.0) + (e[:, 1] - 3.0).mean(0), atol=0.3, rtol=0)
+    # a filled embedding equals the generator's output from the present modalities, and counts as present
     only_a = torch.tensor([[True, False, False]]).expand(512, 3)
-    filled = gen.fill(e, only_a)
+    filled, now = gen.fill(e, only_a)
+    assert now.all()
     torch.testing.assert_close(filled[:, 0], e[:, 0])
     torch.testing.assert_close(filled[:, 2], gen.generate(e, only_a, 2))
