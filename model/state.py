@@ -71,6 +71,7 @@ def _model_meta(model: nn.Module) -> dict:
         "fusion": getattr(model, "fusion_name", None),
         "modalities": list(getattr(model, "modalities", ())),
         "num_classes": getattr(model, "num_classes", None),
+        "latent_generators": getattr(model, "generators", None) is not None,
     }
 
 
@@ -84,13 +85,18 @@ def save_checkpoint(path: "str | Path", model: nn.Module, meta: dict | None = No
     else:
         # clone: tied tensors (T5's shared/embed_tokens) become separate, as safetensors requires
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    header = {
+    save_file(state, str(path), metadata=checkpoint_header(model, meta, trainable_only=trainable_only))
+    return path
+
+
+def checkpoint_header(model: nn.Module, meta: dict | None = None, *, trainable_only: bool = False) -> dict[str, str]:
+    """The safetensors header of a checkpoint of ``model`` (what :func:`model_from_checkpoint` rebuilds from);
+    also used by the federated run's ``best_model.safetensors``."""
+    return {
         "meta": json.dumps(meta or {}, default=str),
         "model": json.dumps(_model_meta(model)),
         "trainable_only": str(bool(trainable_only)),
     }
-    save_file(state, str(path), metadata=header)
-    return path
 
 
 def read_checkpoint_header(path: "str | Path") -> dict:
@@ -124,6 +130,9 @@ def model_from_checkpoint(path: "str | Path") -> nn.Module:
 
     header = read_checkpoint_header(path)
     mm = header["model"]
-    model = build_model(ModelConfig.from_dict(mm["config"]), mm["fusion"], mm["modalities"], mm["num_classes"])
+    if "config" not in mm:
+        raise ValueError(f"{path}: the checkpoint's header does not describe its model (written by an older version?)")
+    model = build_model(ModelConfig.from_dict(mm["config"]), mm["fusion"], mm["modalities"], mm["num_classes"],
+                        latent_generators=bool(mm.get("latent_generators", False)))
     load_checkpoint(path, model)
     return model

@@ -128,10 +128,12 @@ class RunStore:
 
     # --------------------------------------------------------------- final
     def finish(self, *, status: str, test: dict[str, Any] | None, best_arrays: ArrayRecord | None,
-               extra: dict[str, Any] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, header: dict[str, str] | None = None) -> Path:
+        """``header``: the safetensors header of best_model.safetensors (`model.state.checkpoint_header`), so
+        `model.model_from_checkpoint` can rebuild the model from it."""
         if best_arrays is not None:
             save_arrays(self.path / "best_model.safetensors", best_arrays,
-                        meta={"best_round": self.results.get("best_round")})
+                        meta=header or {"best_round": self.results.get("best_round")})
         self.results.update(status=status, test=test, wall_time_s=time.time() - self._t_start, **(extra or {}))
         write_json(self.path / "results.json", self.results)
         return self.path / "results.json"

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import DataLoader
 
 from model import evaluate_per_subject, load_trainable_state, trainable_state
+from model.state import checkpoint_header
 from server_app import task
 from server_app.config import RunConfig
 from server_app.plots import write_plots
@@ -90,7 +91,9 @@ def main(grid: Grid, context: Context) -> None:
         "by_bn_stats": {mode: {k: m[k] for k in keys} for mode, m in both.items()},
     }, extra={"model": {"trainable_bytes": initial.count_bytes(),
                         "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))},
-              "scenario": task.scenario(cfg).describe()})
+              "scenario": task.scenario(cfg).describe()},
+        header=checkpoint_header(model, {"best_round": store.results["best_round"], "run_config": cfg.to_run_config()},
+                                 trainable_only=True))
     write_plots(store.path, store.results, test)
     log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f (BatchNorm statistics: %s; "
         "global %.4f / per subject %.4f weighted F1) | results: %s", store.results["best_round"],

@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from model import trainable_state
+from model.state import model_from_checkpoint, read_checkpoint_header
 from server_app.config import ConfigError
 from server_app.deploy import DeployError, marked_pids
 from server_app.simulation import run_simulation
@@ -43,7 +47,13 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
     assert max(r["val_accuracy"] for r in results["rounds"]) > 0.25
     for name in ("learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000
-    assert (run_dir / "best_model.safetensors").exists()
+    # the best model rebuilds from its own header, with the best round's weights
+    best_model = model_from_checkpoint(run_dir / "best_model.safetensors")
+    stored = load_file(str(run_dir / "best_model.safetensors"))
+    assert sorted(stored) == sorted(trainable_state(best_model))
+    for k, v in trainable_state(best_model).items():
+        torch.testing.assert_close(v, stored[k])
+    assert read_checkpoint_header(run_dir / "best_model.safetensors")["meta"]["best_round"] == best
     assert "[round 3/3]" in run.log()
 
 

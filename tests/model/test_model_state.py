@@ -79,3 +79,26 @@ def test_checkpoint_roundtrip(tmp_path, tiny, trainable_only):
         c = model_from_checkpoint(path).eval()
         assert c.modalities == ("act", "pm")
         assert torch.equal(a(batch)[0], c(batch)[0])
+
+
+def test_generator_model_rebuilds_from_a_trainable_only_checkpoint(tmp_path, tiny):
+    a = build_model(tiny, "magnet", seed=3, latent_generators=True)
+    a.train()
+    a(make_batch(tiny, b=4))  # moves the generators' running statistics, which must travel too
+    path = save_checkpoint(tmp_path / "g.safetensors", a, trainable_only=True)
+    c = model_from_checkpoint(path).eval()
+    assert c.generators is not None
+    torch.testing.assert_close(c.generators.mean, a.generators.mean)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[:, 1] = False
+    batch = make_batch(tiny, b=3, seed=1, mask=mask)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(batch)[0], c(batch)[0])
+
+
+def test_checkpoint_without_a_model_header_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="does not describe its model"):
+        model_from_checkpoint(tmp_path / "bare.safetensors")

@@ -1,0 +1,108 @@
+"""What a trained federated model scores with each subset of modalities present: the ceiling that missing
+modalities at test time put on any strategy.
+
+    python bench/modality_subsets.py outputs/bench-strategies/fedavg-clean-compact-r5e3-s0 [more run dirs]
+
+For every run directory (results.json + best_model.safetensors of a `flwr run`), evaluates the best model on
+the test subjects with each of the 15 non-empty modality subsets present in every window (per-subject
+BatchNorm statistics, as the run's own test), then the accuracy expected when each modality is missing with
+probability r independently (the `missing-rate` scenario: a window that would lose all keeps one at random).
+Prints a table and, as its last line, one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from data_partition import WindowDataset  # noqa: E402
+from data_partition.constants import MODALITIES  # noqa: E402
+from model import load_trainable_state  # noqa: E402
+from model.training import evaluate_per_subject  # noqa: E402
+from server_app import task  # noqa: E402
+from server_app.config import RunConfig  # noqa: E402
+
+SUBSETS = [c for r in range(len(MODALITIES), 0, -1) for c in itertools.combinations(range(len(MODALITIES)), r)]
+
+
+def subset_probability(subset: tuple[int, ...], rate: float) -> float:
+    """P(exactly these modalities present) under independent drops with probability `rate`, where a window
+    left empty keeps one modality drawn uniformly (data_partition.simulate.sample_missing_masks)."""
+    m = len(MODALITIES)
+    p = (1 - rate) ** len(subset) * rate ** (m - len(subset))
+    if len(subset) == 1:
+        p += rate ** m / m
+    return p
+
+
+def evaluate_run(run_dir: Path, data_path: str, rates: list[float]) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    values = {k: v for k, v in results["config"].items()
+              if k not in ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction")}
+    if data_path:
+        values["data-path"] = data_path
+    cfg = RunConfig.from_run_config(values)
+    task.set_threads(cfg)
+    model = task.model_for(cfg)
+    load_trainable_state(model, load_file(str(run_dir / "best_model.safetensors")))
+    cache, split, stats = task.open_data(cfg)
+    scores = {}
+    for subset in SUBSETS:
+        loaders = {}
+        for s in split.test:
+            rows = cache.subject_rows(s)
+            mask = np.zeros((rows.stop - rows.start, len(MODALITIES)), bool)
+            mask[:, list(subset)] = True
+            ds = WindowDataset(cache, [s], stats, normalization=cfg.normalization, augment_sigma=0.0, seed=cfg.seed,
+                               masks=mask)
+            loaders[s] = DataLoader(ds, batch_size=cfg.eval_batch_size)
+        m = evaluate_per_subject(model, loaders, task.device(), adapt_bn=cfg.eval_bn_stats == "subject")
+        name = "+".join(MODALITIES[i] for i in subset)
+        scores[name] = {"accuracy": float(m["accuracy"]), "weighted_f1": float(m["weighted_f1"])}
+        print(f"  {run_dir.name:<44} {name:<16} acc {m['accuracy']:.3f}  wF1 {m['weighted_f1']:.3f}", flush=True)
+    expected = {}
+    for r in rates:
+        probs = [subset_probability(s, r) for s in SUBSETS]
+        accs = [scores["+".join(MODALITIES[i] for i in s)]["accuracy"] for s in SUBSETS]
+        expected[str(r)] = float(np.dot(probs, accs) / sum(probs))
+    return {"subsets": scores, "expected_accuracy": expected, "scenario": results.get("scenario"),
+            "strategy": cfg.strategy, "test": (results.get("test") or {}).get("weighted_f1")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--data-path", default="")
+    p.add_argument("--rates", default="0.5,0.9", help="missing rates for the expected accuracy")
+    a = p.parse_args()
+    rates = [float(r) for r in a.rates.split(",") if r]
+    out = {}
+    for d in a.run_dirs:
+        for f in ("results.json", "best_model.safetensors"):
+            if not (d / f).exists():
+                p.error(f"{d} has no {f}: pass the directory of a finished run")
+        out[d.name] = evaluate_run(d, a.data_path, rates)
+    names = list(out)
+    print("\nweighted F1 on the test subjects with only these modalities present")
+    print(f"{'present':<16} " + " ".join(f"{n[:28]:>28}" for n in names))
+    for subset in SUBSETS:
+        key = "+".join(MODALITIES[i] for i in subset)
+        print(f"{key:<16} " + " ".join(f"{out[n]['subsets'][key]['weighted_f1']:>28.3f}" for n in names))
+    for r in rates:
+        print(f"{'E[acc] r=' + str(r):<16} " + " ".join(f"{out[n]['expected_accuracy'][str(r)]:>28.3f}" for n in names))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
