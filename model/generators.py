@@ -11,10 +11,12 @@ Three choices keep reconstruction from hurting the classifier (measured in docs/
   and its distillation loss is 1 − R², whatever scale the encoders drift to.
 * Generated embeddings are detached: only distillation trains a generator (the classification loss must not
   turn it into a side classifier on detached features), and reconstruction never pulls on the encoders.
-* A modality's generated node joins the fusion only once its generator is good enough: ``quality`` (running
-  R² on training batches) above ``gate``; until then the absent modality is left out of the fusion.
-The statistics and the quality travel with the trainable state (``federated_buffers``), so the server
-averages them with the generators' weights.
+* A modality's generated node joins the fusion only once its generator is good enough: ``quality`` above
+  ``gate``; until then the absent modality is left out of the fusion, as without generators. ``quality`` is
+  the reconstruction R² measured on held-out subjects — set by the FedMobile server from its proxy set after
+  each aggregation (`server_app/proxy.py`): R² on a client's own training batches overrates a generator that
+  has to work across subjects.
+The statistics and the quality travel with the trainable state (``federated_buffers``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class LatentGenerators(nn.Module):
         self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
         self.register_buffer("mean", torch.zeros(num_modalities, d))
         self.register_buffer("var", torch.ones(num_modalities, d))
-        self.register_buffer("quality", torch.zeros(num_modalities))
+        self.register_buffer("quality", torch.zeros(num_modalities))  # R² on held-out data; set from outside
 
     def _standardise(self, e: torch.Tensor) -> torch.Tensor:
         return (e - self.mean) * torch.rsqrt(self.var + EPS)
@@ -104,9 +106,9 @@ class LatentGenerators(nn.Module):
                 self.var[j].lerp_(x.var(0), self.momentum)
 
     def distill_loss(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Mean over modalities of the MSE between generated and real standardised embeddings (1 − R²), on the
-        samples where the modality is present and at least one other (randomly thinned) modality is too. In
-        training it also updates the running statistics and each generator's quality."""
+        """Mean over modalities of the MSE between generated and real standardised embeddings (about 1 − R²), on
+        the samples where the modality is present and at least one other (randomly thinned) modality is too. In
+        training it also updates the running statistics."""
         e = e.detach().float()
         if self.training:
             self._track(e, present)
@@ -119,11 +121,7 @@ class LatentGenerators(nn.Module):
             avail = self.inputs_for(inputs, present, j)  # thinned to nothing: the modalities actually present
             rows = present[:, j] & avail.any(1)
             if bool(rows.any()):
-                loss = F.mse_loss(self._predict(z[rows], avail[rows], j), z[rows, j])
-                if self.training:
-                    with torch.no_grad():
-                        self.quality[j].lerp_(1.0 - loss.detach(), self.momentum)
-                losses.append(loss)
+                losses.append(F.mse_loss(self._predict(z[rows], avail[rows], j), z[rows, j]))
         if not losses:
             return e.new_zeros(())
         return torch.stack(losses).mean()

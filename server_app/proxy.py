@@ -65,10 +65,15 @@ class GeneratorProxy:
         """A generator's outputs on the first proxy windows, flattened (what clustering compares)."""
         return torch.stack(self._generate(gen_state, slice(0, self.cluster_windows)), 1).flatten().numpy()
 
-    def value(self, gen_state: dict) -> float:
-        """Reconstruction R² on the proxy set, averaged over modalities: 1 − MSE_j / Var_j, so a generator that
-        predicts each modality's mean scores 0 (the value of the empty coalition)."""
+    def modality_r2(self, gen_state: dict) -> list[float]:
+        """Per modality, the R² with which the generators reconstruct its proxy embeddings: 1 − MSE_j / Var_j
+        (predicting the modality's mean scores 0)."""
         e = self.embeddings
         preds = self._generate(gen_state)
-        return float(np.mean([1.0 - float(((p - e[:, j]) ** 2).mean() / e[:, j].var(0).mean().clamp_min(1e-12))
-                              for j, p in enumerate(preds)]))
+        return [1.0 - float(((p - e[:, j]) ** 2).mean() / e[:, j].var(0).mean().clamp_min(1e-12))
+                for j, p in enumerate(preds)]
+
+    def value(self, gen_state: dict) -> float:
+        """A coalition's value: the mean over modalities of :meth:`modality_r2` (0 for the mean predictor, the
+        value of the empty coalition)."""
+        return float(np.mean(self.modality_r2(gen_state)))

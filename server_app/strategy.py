@@ -322,7 +322,9 @@ class MagnetFedMobile(MagnetFedAvg):
       (`contribution_weights`).
     * The generators (cross-modal latent reconstruction, `model/generators.py`) are averaged with clustered
       Shapley weights: their outputs on a server-held proxy set are clustered, the clusters play an exact
-      Shapley game whose value is the reconstruction gain of their averaged generator on that proxy set.
+      Shapley game whose value is the reconstruction R² of their averaged generator on that proxy set. The
+      averaged generators' R² per modality becomes their `quality`: the gate that decides whether a generated
+      embedding joins the fusion, in the next round's training and at evaluation.
     """
 
     name = "fedmobile"
@@ -375,8 +377,11 @@ class MagnetFedMobile(MagnetFedAvg):
             else:
                 gen_w = sizes
             body.update(weighted_average(gens, list(gen_w)))
-            if "generators.quality" in body:  # running R² per modality: which generated nodes join the fusion
-                info["generator_quality"] = [round(float(q), 4) for q in body["generators.quality"]]
+            if self.generator_proxy is not None and "generators.quality" in body:
+                # the gate of the generated nodes: the aggregated generators' R² on the proxy set, per modality
+                r2 = self.generator_proxy.modality_r2({k: body[k] for k in gen_keys})
+                body["generators.quality"] = np.asarray(r2, dtype=body["generators.quality"].dtype)
+                info["generator_quality"] = [round(float(q), 4) for q in r2]
         self.aggregation_info = info
         return {k: body[k] for k in keys}
 

@@ -75,6 +75,7 @@ def mobile_reply(value: float, n: int, f1: float, before: float, after: float, g
     arrays = {"w": np.full((2,), value, np.float32)}
     if gen is not None:
         arrays["generators.nets.0.weight"] = np.full((1,), gen, np.float32)
+        arrays["generators.quality"] = np.full((2,), 0.9, np.float32)  # a client's guess, replaced by the proxy's
     return RecordDict({"arrays": numpy_to_arrays(arrays),
                        "metrics": MetricRecord({"train_loss": 1.0, "train_accuracy": 0.5, "num-examples": n,
                                                 "local_val_weighted_f1": f1, "local_val_loss_before": before,
@@ -90,8 +91,11 @@ class ToyProxy:
     def outputs(self, gen):
         return np.array([float(gen["generators.nets.0.weight"][0])])
 
+    def modality_r2(self, gen):
+        return [1.0 - abs(float(gen["generators.nets.0.weight"][0]) - 1.0), 0.25]
+
     def value(self, gen):
-        return 1.0 - abs(float(gen["generators.nets.0.weight"][0]) - 1.0)
+        return float(np.mean(self.modality_r2(gen)))
 
 
 def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
@@ -103,7 +107,8 @@ def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
     assert isinstance(strat, MagnetFedMobile)
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32),
-                                                               "generators.nets.0.weight": np.zeros(1, np.float32)}),
+                                                               "generators.nets.0.weight": np.zeros(1, np.float32),
+                                                               "generators.quality": np.zeros(2, np.float32)}),
                                      ConfigRecord({}), timeout=5)
     assert all(m.content["config"]["local-val-fraction"] == 0.2 for m in grid.sent if m.metadata.message_type == "train")
     # samples .2/.6/.2, F1 .4/.2/.4, gains .5/.1/0 -> shares 5/6, 1/6, 0
@@ -117,6 +122,9 @@ def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
     assert gen["clusters"]["2"] == gen["clusters"]["3"] != gen["clusters"]["6"]
     assert gen["weights"]["6"] == 0.0
     np.testing.assert_allclose(out["generators.nets.0.weight"], [(1.0 * 100 + 1.1 * 300) / 400], rtol=1e-6)
+    # the gate of the generated nodes: the aggregated generators' R² on the proxy set
+    np.testing.assert_allclose(out["generators.quality"], [1.0 - 0.075, 0.25], rtol=1e-6)
+    assert info["aggregation"]["generator_quality"] == [0.925, 0.25]
 
 
 def test_fedmobile_needs_local_validation_metrics(tmp_path):
