@@ -1,7 +1,7 @@
 """The server-held proxy set on which FedMobile-style aggregation scores the clients' latent generators.
 
 A seeded sample of validation windows with every modality present: their real embeddings under the newly
-aggregated encoders are the targets; a generator's value is the R² with which it
+aggregated encoders (each subject's with its own BatchNorm statistics, as at evaluation) are the targets; a generator's value is the R² with which it
 reconstructs each modality from a random subset of the others.
 """
 
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from model import load_trainable_state
+from model.training import adapt_batchnorm
 from server_app import task
 from server_app.config import RunConfig
 
@@ -22,10 +23,17 @@ GEN_PREFIX = "generators."
 
 class GeneratorProxy:
     def __init__(self, cfg: RunConfig, subjects, size: int, seed: int = 0, cluster_windows: int = 64) -> None:
-        data = task.dataset(cfg.replace(missing_at_eval=False, missing_rate=0.0), list(subjects), train=False)
+        complete = cfg.replace(missing_at_eval=False, missing_rate=0.0)
         rng = np.random.default_rng([seed, 11])
-        idx = np.sort(rng.choice(len(data), size=min(size, len(data)), replace=False))
-        self.loader = DataLoader(Subset(data, idx.tolist()), batch_size=cfg.eval_batch_size)
+        per_subject = max(1, size // max(len(subjects), 1))
+        self.subject_loaders, self.proxy_loaders, n = {}, {}, 0
+        for s in subjects:  # the same number of windows from every subject, embedded with its own statistics
+            data = task.dataset(complete, [int(s)], train=False)
+            idx = np.sort(rng.choice(len(data), size=min(per_subject, len(data)), replace=False))
+            self.subject_loaders[int(s)] = DataLoader(data, batch_size=cfg.eval_batch_size)
+            self.proxy_loaders[int(s)] = DataLoader(Subset(data, idx.tolist()), batch_size=cfg.eval_batch_size)
+            n += len(idx)
+        self.adapt_bn = cfg.eval_bn_stats == "subject"
         self.cfg = cfg
         self.cluster_windows = cluster_windows
         self.model = task.model_for(cfg)
@@ -34,16 +42,23 @@ class GeneratorProxy:
         self.generators = copy.deepcopy(self.model.generators).eval()
         m = len(self.model.modalities)
         g = torch.Generator().manual_seed(seed)
-        self.inputs = torch.rand(len(idx), m, generator=g) >= 0.5  # which other modalities each target sees
+        self.inputs = torch.rand(n, m, generator=g) >= 0.5  # which other modalities each target sees
         self.embeddings: torch.Tensor | None = None
 
     @torch.no_grad()
     def prepare(self, global_state: dict) -> None:
-        """Real embeddings [N, M, d] of the proxy windows under the aggregated encoders."""
-        load_trainable_state(self.model, {k: torch.as_tensor(v) for k, v in global_state.items()})
+        """Real embeddings [N, M, d] of the proxy windows under the aggregated encoders, each subject's with its
+        own BatchNorm statistics when the run evaluates that way (as the generators will be used)."""
+        state = {k: torch.as_tensor(v) for k, v in global_state.items()}
         was = self.model.training
         self.model.eval()
-        parts = [self.model.embed(batch)[0].float().cpu() for batch in self.loader]
+        parts = []
+        for s, loader in self.proxy_loaders.items():
+            load_trainable_state(self.model, state)
+            if self.adapt_bn:
+                adapt_batchnorm(self.model, self.subject_loaders[s], "cpu")
+            parts += [self.model.embed(batch)[0].float().cpu() for batch in loader]
+        load_trainable_state(self.model, state)
         self.model.train(was)
         self.embeddings = torch.cat(parts)
 

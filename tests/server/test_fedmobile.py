@@ -186,3 +186,30 @@ def test_absent_modality_clients_and_poisoned_clients():
 def test_scenario_and_fedmobile_keys_are_validated(kw, key):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_run_config(kw)
+
+
+# ------------------------------------------------------------------ the proxy set (real data, tiny model)
+def test_generator_proxy_embeds_each_subject_with_its_own_batchnorm_statistics(mex_path):
+    import torch
+
+    from model import trainable_state
+    from server_app import task
+    from server_app.config import RunConfig
+    from server_app.proxy import GeneratorProxy
+
+    cfg = RunConfig.from_run_config({"model-preset": "tiny", "strategy": "fedmobile", "data-path": str(mex_path)})
+    proxy = GeneratorProxy(cfg, [5, 25], size=20, seed=0)
+    model = task.model_for(cfg)
+    state = {k: v.numpy() for k, v in trainable_state(model).items()}
+    proxy.prepare(state)
+    assert proxy.embeddings.shape == (20, 4, model.cfg.d_emb)
+    for k, v in trainable_state(model).items():  # the shared model is left with the state it was given
+        np.testing.assert_array_equal(v.numpy(), state[k])
+    adapted = proxy.embeddings
+    proxy.adapt_bn = False
+    proxy.prepare(state)
+    assert not torch.allclose(adapted[:, 2:], proxy.embeddings[:, 2:])  # frame encoders: per-subject statistics
+    torch.testing.assert_close(adapted[:, :2], proxy.embeddings[:, :2])  # T5 encoders have no BatchNorm
+    # a fresh generator predicts its running mean (zeros): R² = 1 − E[e²]/Var ≤ 0, one value per modality
+    r2 = proxy.modality_r2({k: state[k] for k in state if k.startswith("generators.")})
+    assert len(r2) == 4 and all(v <= 1e-6 for v in r2)
