@@ -7,6 +7,9 @@ For every run directory (results.json + best_model.safetensors of a `flwr run`),
 the test subjects with each of the 15 non-empty modality subsets present in every window (per-subject
 BatchNorm statistics, as the run's own test), then the accuracy expected when each modality is missing with
 probability r independently (the `missing-rate` scenario: a window that would lose all keeps one at random).
+With `--reconstruction`, also how well each modality's embedding can be reconstructed from the other three
+across subjects: the best linear map (ridge), fit on training subjects' embeddings and scored (R²) on the
+validation subjects' — a ceiling for linear latent generators on these encoders.
 Prints a table and, as its last line, one JSON object with every figure.
 """
 
@@ -21,13 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from data_partition import WindowDataset  # noqa: E402
 from data_partition.constants import MODALITIES  # noqa: E402
-from model import load_trainable_state  # noqa: E402
-from model.training import evaluate_per_subject  # noqa: E402
+from model import load_trainable_state, trainable_state  # noqa: E402
+from model.training import adapt_batchnorm, evaluate_per_subject, move_batch  # noqa: E402
 from server_app import task  # noqa: E402
 from server_app.config import RunConfig  # noqa: E402
 
@@ -44,7 +48,38 @@ def subset_probability(subset: tuple[int, ...], rate: float) -> float:
     return p
 
 
-def evaluate_run(run_dir: Path, data_path: str, rates: list[float]) -> dict:
+def subject_embeddings(model, cfg: RunConfig, subjects) -> np.ndarray:
+    """Real embeddings ``[N, M, d]`` of the subjects' complete windows, each subject with its own BatchNorm
+    statistics when the run evaluates that way."""
+    state = trainable_state(model)
+    out = []
+    for s in subjects:
+        loader = DataLoader(task.dataset(cfg, [s], train=False), batch_size=cfg.eval_batch_size)
+        load_trainable_state(model, state)
+        if cfg.eval_bn_stats == "subject":
+            adapt_batchnorm(model, loader, task.device())
+        model.eval()
+        with torch.no_grad():
+            out += [model.embed(move_batch(b, task.device()))[0].float().cpu().numpy() for b in loader]
+    load_trainable_state(model, state)
+    return np.concatenate(out)
+
+
+def linear_reconstruction_r2(train: np.ndarray, val: np.ndarray, ridge: float = 1e-3) -> list[float]:
+    """Per modality j: R² on ``val`` of the ridge map (others -> j) fit on ``train`` (both ``[N, M, d]``)."""
+    r2 = []
+    for j in range(train.shape[1]):
+        others = [i for i in range(train.shape[1]) if i != j]
+        x, y = train[:, others].reshape(len(train), -1), train[:, j]
+        xv, yv = val[:, others].reshape(len(val), -1), val[:, j]
+        mx, my = x.mean(0), y.mean(0)
+        a = (x - mx).T @ (x - mx) + ridge * len(x) * np.eye(x.shape[1])
+        w = np.linalg.solve(a, (x - mx).T @ (y - my))
+        r2.append(float(1.0 - (((xv - mx) @ w + my - yv) ** 2).mean() / yv.var(0).mean()))
+    return r2
+
+
+def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstruction: bool = False) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     values = {k: v for k, v in results["config"].items()
               if k not in ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction")}
@@ -74,8 +109,15 @@ def evaluate_run(run_dir: Path, data_path: str, rates: list[float]) -> dict:
         probs = [subset_probability(s, r) for s in SUBSETS]
         accs = [scores["+".join(MODALITIES[i] for i in s)]["accuracy"] for s in SUBSETS]
         expected[str(r)] = float(np.dot(probs, accs) / sum(probs))
-    return {"subsets": scores, "expected_accuracy": expected, "scenario": results.get("scenario"),
-            "strategy": cfg.strategy, "test": (results.get("test") or {}).get("weighted_f1")}
+    out = {"subsets": scores, "expected_accuracy": expected, "scenario": results.get("scenario"),
+           "strategy": cfg.strategy, "test": (results.get("test") or {}).get("weighted_f1")}
+    if reconstruction:
+        complete = cfg.replace(missing_rate=0.0, missing_at_eval=False)
+        out["linear_reconstruction_r2"] = linear_reconstruction_r2(subject_embeddings(model, complete, split.train),
+                                                                   subject_embeddings(model, complete, split.val))
+        print(f"  {run_dir.name:<44} linear reconstruction R² (val) "
+              + " ".join(f"{m} {v:.3f}" for m, v in zip(MODALITIES, out["linear_reconstruction_r2"])), flush=True)
+    return out
 
 
 def main() -> int:
@@ -83,6 +125,8 @@ def main() -> int:
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--data-path", default="")
     p.add_argument("--rates", default="0.5,0.9", help="missing rates for the expected accuracy")
+    p.add_argument("--reconstruction", action="store_true",
+                   help="also the linear reconstruction R² of each modality's embedding from the others")
     a = p.parse_args()
     rates = [float(r) for r in a.rates.split(",") if r]
     out = {}
@@ -90,7 +134,7 @@ def main() -> int:
         for f in ("results.json", "best_model.safetensors"):
             if not (d / f).exists():
                 p.error(f"{d} has no {f}: pass the directory of a finished run")
-        out[d.name] = evaluate_run(d, a.data_path, rates)
+        out[d.name] = evaluate_run(d, a.data_path, rates, a.reconstruction)
     names = list(out)
     print("\nweighted F1 on the test subjects with only these modalities present")
     print(f"{'present':<16} " + " ".join(f"{n[:28]:>28}" for n in names))
@@ -99,6 +143,9 @@ def main() -> int:
         print(f"{key:<16} " + " ".join(f"{out[n]['subsets'][key]['weighted_f1']:>28.3f}" for n in names))
     for r in rates:
         print(f"{'E[acc] r=' + str(r):<16} " + " ".join(f"{out[n]['expected_accuracy'][str(r)]:>28.3f}" for n in names))
+    if a.reconstruction:
+        for m_i, mod in enumerate(MODALITIES):
+            print(f"{'R² lin ' + mod:<16} " + " ".join(f"{out[n]['linear_reconstruction_r2'][m_i]:>28.3f}" for n in names))
     print(json.dumps(out))
     return 0
 
