@@ -61,6 +61,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-strategies"))
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the finished cells among those asked for (rows without any: skipped)")
     a = p.parse_args()
     strategies = [s for s in a.strategies.split(",") if s]
     scenarios = [s for s in a.scenarios.split(",") if s]
@@ -75,7 +77,10 @@ def main() -> int:
             for seed in seeds:
                 name = f"{strategy}-{scenario}-{a.preset}-r{a.rounds}e{a.epochs}-s{seed}"
                 res_path = out / name / "results.json"
-                if not (res_path.exists() and json.loads(res_path.read_text()).get("test")):
+                finished = res_path.exists() and json.loads(res_path.read_text()).get("test")
+                if not finished and a.report_only:
+                    continue
+                if not finished:
                     rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "local-epochs": a.epochs,
                           "lr": a.lr, "seed": seed, "strategy": strategy, "output-dir": str(out), "run-name": name,
                           **STRATEGY_KEYS.get(strategy, {}), **SCENARIOS[scenario]}
@@ -100,10 +105,13 @@ def main() -> int:
     for scenario in scenarios:
         for strategy in strategies:
             cs = [c for c in cells if c["strategy"] == strategy and c["scenario"] == scenario]
+            if not cs:
+                continue
             lines.append(f"| {scenario} | {strategy} | {_mean_std([c['test_weighted_f1'] for c in cs])} | "
                          f"{_mean_std([c['test_macro_f1'] for c in cs])} | "
                          f"{statistics.mean(c['upload_mb_per_round'] for c in cs):.2f} | {len(cs)} |")
     table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{a.preset} preset, {a.rounds} rounds x {a.epochs} local epoch(s), lr {a.lr}, "
                                   f"9 of 21 clients per round\n\n{table}\n")
     print(f"\nstrategies x scenarios ({a.preset}, {a.rounds} rounds x {a.epochs} epochs, seeds {seeds})\n")
