@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from data_partition import WindowDataset  # noqa: E402
 from data_partition.constants import MODALITIES  # noqa: E402
-from model import load_trainable_state, trainable_state  # noqa: E402
-from model.training import adapt_batchnorm, evaluate_per_subject, move_batch  # noqa: E402
+from model import load_trainable_state  # noqa: E402
+from model.training import each_subject, evaluate_per_subject, move_batch  # noqa: E402
 from server_app import task  # noqa: E402
 from server_app.config import RunConfig  # noqa: E402
 
@@ -51,17 +51,12 @@ def subset_probability(subset: tuple[int, ...], rate: float) -> float:
 def subject_embeddings(model, cfg: RunConfig, subjects) -> np.ndarray:
     """Real embeddings ``[N, M, d]`` of the subjects' complete windows, each subject with its own BatchNorm
     statistics when the run evaluates that way."""
-    state = trainable_state(model)
+    loaders = {s: DataLoader(task.dataset(cfg, [s], train=False), batch_size=cfg.eval_batch_size) for s in subjects}
+    model.eval()
     out = []
-    for s in subjects:
-        loader = DataLoader(task.dataset(cfg, [s], train=False), batch_size=cfg.eval_batch_size)
-        load_trainable_state(model, state)
-        if cfg.eval_bn_stats == "subject":
-            adapt_batchnorm(model, loader, task.device())
-        model.eval()
+    for s in each_subject(model, loaders, task.device(), adapt_bn=cfg.eval_bn_stats == "subject"):
         with torch.no_grad():
-            out += [model.embed(move_batch(b, task.device()))[0].float().cpu().numpy() for b in loader]
-    load_trainable_state(model, state)
+            out += [model.embed(move_batch(b, task.device()))[0].float().cpu().numpy() for b in loaders[s]]
     return np.concatenate(out)
 
 

@@ -18,7 +18,8 @@ BN_STATS = ("running_mean", "running_var")
 def trainable_state_keys(model: nn.Module) -> list[str]:
     """Names (``state_dict`` order) of what a client sends: every parameter with
     ``requires_grad`` (LoRA, CNNs, fusion, classifier, missing tokens) plus the BatchNorm running
-    mean/var and the buffers a module lists in ``federated_buffers`` (the generators' statistics). Excluded: the frozen T5 base weights (rebuilt from the seed everywhere) and
+    mean/var and the buffers a module lists in ``federated_buffers`` (the generators' statistics).
+    Excluded: the frozen T5 base weights (rebuilt from the seed everywhere) and
     ``num_batches_tracked`` (an integer counter only used when ``momentum=None``; we never do)."""
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     for mname, mod in model.named_modules():

@@ -409,15 +409,8 @@ def evaluate_per_subject(model: nn.Module, loaders: "dict[int, Iterable[dict]]",
     """Evaluate each subject's loader — after re-estimating BatchNorm statistics on that subject's own windows
     when ``adapt_bn`` (AdaBN) — and pool the predictions into one set of metrics. The model's trainable state is
     left as it was."""
-    state = trainable_state(model) if adapt_bn else None
-    parts = []
-    for loader in loaders.values():
-        if adapt_bn:
-            load_trainable_state(model, state)
-            adapt_batchnorm(model, loader, device)
-        parts.append(evaluate(model, loader, device, class_weights, amp=amp))
-    if adapt_bn:
-        load_trainable_state(model, state)
+    parts = [evaluate(model, loaders[s], device, class_weights, amp=amp)
+             for s in each_subject(model, loaders, device, adapt_bn=adapt_bn)]
     if not parts:
         raise ValueError("evaluate_per_subject: no loaders")
     labels = np.concatenate([p["labels"] for p in parts])
@@ -426,6 +419,22 @@ def evaluate_per_subject(model: nn.Module, loaders: "dict[int, Iterable[dict]]",
     out["loss"] = float(sum(p["loss"] * len(p["labels"]) for p in parts) / len(labels))
     out["aux_loss"] = float(sum(p["aux_loss"] * len(p["labels"]) for p in parts) / len(labels))
     return out
+
+
+def each_subject(model: nn.Module, loaders: "dict[int, Iterable[dict]]", device: "torch.device | str", *,
+                 adapt_bn: bool):
+    """Yield the keys of ``loaders`` (subjects); before each, the model's BatchNorm statistics are re-estimated
+    on that loader's windows when ``adapt_bn`` (AdaBN). The trainable state is restored afterwards."""
+    state = trainable_state(model) if adapt_bn else None
+    try:
+        for key, loader in loaders.items():
+            if adapt_bn:
+                load_trainable_state(model, state)
+                adapt_batchnorm(model, loader, device)
+            yield key
+    finally:
+        if adapt_bn:
+            load_trainable_state(model, state)
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The server-held proxy set on which FedMobile-style aggregation scores the clients' latent generators.
 
 A seeded sample of validation windows with every modality present: their real embeddings under the newly
-aggregated encoders (each subject's with its own BatchNorm statistics, as at evaluation) are the targets; a generator's value is the R² with which it
-reconstructs each modality from a random subset of the others.
+aggregated encoders (each subject's with its own BatchNorm statistics, as at evaluation) are the targets; a
+generator's value is the R² with which it reconstructs each modality from a random subset of the others.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from model import load_trainable_state
-from model.training import adapt_batchnorm
+from model.training import each_subject
 from server_app import task
 from server_app.config import RunConfig
 
@@ -34,7 +34,6 @@ class GeneratorProxy:
             self.proxy_loaders[int(s)] = DataLoader(Subset(data, idx.tolist()), batch_size=cfg.eval_batch_size)
             n += len(idx)
         self.adapt_bn = cfg.eval_bn_stats == "subject"
-        self.cfg = cfg
         self.cluster_windows = cluster_windows
         self.model = task.model_for(cfg)
         if self.model.generators is None:
@@ -49,16 +48,12 @@ class GeneratorProxy:
     def prepare(self, global_state: dict) -> None:
         """Real embeddings [N, M, d] of the proxy windows under the aggregated encoders, each subject's with its
         own BatchNorm statistics when the run evaluates that way (as the generators will be used)."""
-        state = {k: torch.as_tensor(v) for k, v in global_state.items()}
+        load_trainable_state(self.model, {k: torch.as_tensor(v) for k, v in global_state.items()})
         was = self.model.training
         self.model.eval()
         parts = []
-        for s, loader in self.proxy_loaders.items():
-            load_trainable_state(self.model, state)
-            if self.adapt_bn:
-                adapt_batchnorm(self.model, self.subject_loaders[s], "cpu")
-            parts += [self.model.embed(batch)[0].float().cpu() for batch in loader]
-        load_trainable_state(self.model, state)
+        for s in each_subject(self.model, self.subject_loaders, "cpu", adapt_bn=self.adapt_bn):
+            parts += [self.model.embed(batch)[0].float().cpu() for batch in self.proxy_loaders[s]]
         self.model.train(was)
         self.embeddings = torch.cat(parts)
 

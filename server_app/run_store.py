@@ -133,7 +133,7 @@ class RunStore:
         `model.model_from_checkpoint` can rebuild the model from it."""
         if best_arrays is not None:
             save_arrays(self.path / "best_model.safetensors", best_arrays,
-                        meta=header or {"best_round": self.results.get("best_round")})
+                        meta=header)
         self.results.update(status=status, test=test, wall_time_s=time.time() - self._t_start, **(extra or {}))
         write_json(self.path / "results.json", self.results)
         return self.path / "results.json"
