@@ -161,7 +161,11 @@ class FusionLayerII(nn.Module):
 class ModalityFFN(nn.Module):
     """A separate Linear -> BatchNorm1d -> GELU -> Dropout per modality, computed for all
     modalities at once (a grouped linear; BatchNorm1d over the M*d features is exactly one
-    BatchNorm1d(d) per modality)."""
+    BatchNorm1d(d) per modality).
+
+    A modality's BatchNorm statistics come from the samples that have it: an absent modality's row holds a
+    placeholder (learned token, or zeros with generators), and counting it would let the share of missing
+    windows in a batch shift how every present window is normalised."""
 
     def __init__(self, n_modalities: int, d: int, dropout: float, norm: str = "batch"):
         super().__init__()
@@ -173,11 +177,34 @@ class ModalityFFN(nn.Module):
         self.bn = norm_layer(norm, n_modalities * d, groups=n_modalities)  # per modality either way
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         b, m, d = e.shape
         h = torch.einsum("bmi,mio->bmo", e, self.weight) + self.bias
-        h = self.bn(h.reshape(b, m * d)).reshape(b, m, d)
+        if present is None or bool(present.all()) or not isinstance(self.bn, nn.BatchNorm1d):
+            h = self.bn(h.reshape(b, m * d)).reshape(b, m, d)
+        else:
+            h = self._present_batch_norm(h, present)
         return self.drop(F.gelu(h))
+
+    def _present_batch_norm(self, h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Per modality: batch statistics (and running-statistic updates) over its present rows only; absent rows
+        (ignored downstream) and too-small groups are normalised with the running statistics."""
+        bn, (b, m, d) = self.bn, h.shape
+        factor = 0.0
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        cols = []
+        for j in range(m):
+            sl = slice(j * d, (j + 1) * d)
+            stats = (bn.running_mean[sl], bn.running_var[sl], bn.weight[sl], bn.bias[sl])
+            col = F.batch_norm(h[:, j], *stats, training=False, eps=bn.eps)
+            rows = present[:, j].nonzero(as_tuple=True)[0]
+            if bn.training and len(rows) > 1:
+                own = F.batch_norm(h[rows, j], *stats, training=True, momentum=factor, eps=bn.eps)
+                col = col.index_copy(0, rows, own)
+            cols.append(col)
+        return torch.stack(cols, dim=1)
 
 
 class MAGNET(nn.Module):
@@ -213,7 +240,7 @@ class MAGNET(nn.Module):
     def forward(self, e: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = e.shape[1]
         e = e * self.modality_weights.view(1, m, 1)
-        x = self.modality_ffn(e)
+        x = self.modality_ffn(e, present)
         adj = self.adjacency(x)
         eye = torch.eye(m, dtype=torch.bool, device=x.device)
         allowed = present.unsqueeze(1) | eye  # [B, M(query), M(key)]

@@ -176,3 +176,39 @@ def test_paper_preset_parameter_counts():
     assert model.cfg.acc_steps == 500 and model.cfg.frame_steps == 75
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert lora == 2 * 393_216
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_modality_batchnorm_counts_only_windows_that_have_the_modality(momentum):
+    """An absent modality's placeholder must not enter its BatchNorm statistics: otherwise the share of missing
+    windows in a batch changes how every present window is normalised (measured: a clean model lost 12 points of
+    weighted F1 on test windows with 50 % missing modalities before this)."""
+    from model.fusion import ModalityFFN
+
+    torch.manual_seed(0)
+    ffn = ModalityFFN(3, 8, dropout=0.0)
+    ffn.bn.momentum = momentum
+    ffn.train()
+    e = torch.randn(10, 3, 8)
+    present = torch.ones(10, 3, dtype=torch.bool)
+    present[:5, 1] = False
+    out = ffn(e, present)
+    e2 = e.clone()
+    e2[:5, 1] = 1e3  # whatever the absent rows hold
+    ffn2 = ModalityFFN(3, 8, dropout=0.0)
+    ffn2.load_state_dict({k: v for k, v in ffn.state_dict().items()} | {
+        "bn.running_mean": torch.zeros(24), "bn.running_var": torch.ones(24), "bn.num_batches_tracked": torch.tensor(0)})
+    ffn2.bn.momentum = momentum
+    ffn2.train()
+    out2 = ffn2(e2, present)
+    assert torch.allclose(out[present], out2[present], atol=1e-6)
+    # modality 1's running mean is the (momentum-weighted) mean of its pre-norm features over the present rows
+    h = torch.einsum("bi,io->bo", e[5:, 1], ffn.weight[1]) + ffn.bias[1]
+    w = 1.0 if momentum is None else momentum
+    assert torch.allclose(ffn.bn.running_mean[8:16], w * h.mean(0), atol=1e-5)
+    assert torch.allclose(ffn.bn.running_var[8:16], (1 - w) + w * h.var(0), atol=1e-5)
+    # every modality present: exactly a plain BatchNorm1d over the M*d features
+    ffn.eval()
+    ref = torch.nn.functional.gelu(ffn.bn(
+        (torch.einsum("bmi,mio->bmo", e, ffn.weight) + ffn.bias).reshape(10, 24)).reshape(10, 3, 8))
+    assert torch.allclose(ffn(e, torch.ones(10, 3, dtype=torch.bool)), ref, atol=1e-6)
