@@ -141,7 +141,7 @@ def fit(
     AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
     ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
     model has them) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
-    parameters at the start of this call); gradient accumulation with clipping; mixed precision on
+    parameters at the start of this call); gradient accumulation with clipping (the generators' gradients clipped apart from the model's); mixed precision on
     CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the best
     epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)``
     replaces ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
@@ -169,6 +169,11 @@ def fit(
     skip_single = _has_batchnorm(model)
     has_generators = getattr(model, "generators", None) is not None
     accum = max(1, int(cfg.grad_accum))
+    # the generators' distillation gradients never reach the model (detached), so they are clipped apart: under
+    # one global norm a badly reconstructing generator would shrink every step of the classifier it serves
+    generator_ids = {id(p) for p in model.generators.parameters()} if has_generators else set()
+    clip_groups = [g for g in ([p for p in params if id(p) not in generator_ids],
+                               [p for p in params if id(p) in generator_ids]) if g]
 
     def optimizer_step(pending: int) -> None:
         if scaler is not None:
@@ -178,7 +183,8 @@ def fit(
                 if p.grad is not None:
                     p.grad.mul_(accum / pending)
         if cfg.clip and cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

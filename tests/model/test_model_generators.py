@@ -110,3 +110,25 @@ def test_distillation_reduces_reconstruction_loss():
     assert now.all()
     torch.testing.assert_close(filled[:, 0], e[:, 0])
     torch.testing.assert_close(filled[:, 2], gen.generate(e, only_a, 2))
+
+
+def test_generator_gradients_are_clipped_apart_from_the_model(tiny):
+    """However large the distillation loss, the model's own parameters take the same steps: the generators'
+    gradients are clipped on their own (one global norm would shrink the classifier's steps with them)."""
+    batches = []
+    for step in range(4):
+        mask = torch.rand(8, 4, generator=torch.Generator().manual_seed(step)) > 0.4
+        mask[:, 0] |= ~mask.any(1)
+        batches.append(make_batch(tiny, b=8, mask=mask, seed=step))
+
+    def trained(generator_weight):
+        torch.manual_seed(0)
+        model = build_model(tiny, "magnet", seed=0, latent_generators=True)
+        fit(model, batches, TrainConfig(lr=1e-2, grad_accum=1, epochs=1, clip=0.5, generator_weight=generator_weight,
+                                        seed=0), device="cpu", log=None)
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    small, huge = trained(1.0), trained(1e4)
+    model_keys = [n for n in small if not n.startswith("generators.")]
+    assert model_keys and all(torch.allclose(small[n], huge[n], atol=1e-6) for n in model_keys)
+    assert any(not torch.allclose(small[n], huge[n]) for n in small if n.startswith("generators."))
