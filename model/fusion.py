@@ -180,27 +180,27 @@ class ModalityFFN(nn.Module):
     def forward(self, e: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         b, m, d = e.shape
         h = torch.einsum("bmi,mio->bmo", e, self.weight) + self.bias
-        if present is None or bool(present.all()) or not isinstance(self.bn, nn.BatchNorm1d):
+        # batch statistics only exist in training; at evaluation every row uses the running statistics anyway
+        if (present is None or not self.bn.training or bool(present.all())
+                or not isinstance(self.bn, nn.BatchNorm1d)):
             h = self.bn(h.reshape(b, m * d)).reshape(b, m, d)
         else:
             h = self._present_batch_norm(h, present)
         return self.drop(F.gelu(h))
 
     def _present_batch_norm(self, h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Per modality: batch statistics (and running-statistic updates) over its present rows only; absent rows
-        (ignored downstream) and too-small groups are normalised with the running statistics."""
-        bn, (b, m, d) = self.bn, h.shape
-        factor = 0.0
-        if bn.training:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        """Training: per modality, batch statistics (and running-statistic updates) over its present rows only;
+        absent rows (ignored downstream) and too-small groups are normalised with the running statistics."""
+        bn, (_, m, d) = self.bn, h.shape
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         cols = []
         for j in range(m):
             sl = slice(j * d, (j + 1) * d)
             stats = (bn.running_mean[sl], bn.running_var[sl], bn.weight[sl], bn.bias[sl])
             col = F.batch_norm(h[:, j], *stats, training=False, eps=bn.eps)
             rows = present[:, j].nonzero(as_tuple=True)[0]
-            if bn.training and len(rows) > 1:
+            if len(rows) > 1:
                 own = F.batch_norm(h[rows, j], *stats, training=True, momentum=factor, eps=bn.eps)
                 col = col.index_copy(0, rows, own)
             cols.append(col)
