@@ -64,7 +64,9 @@ class MultimodalHAR(nn.Module):
     ``forward(batch)`` takes the batch dict of the data contract (``batch["mask"]`` bool ``[B, 4]``
     in ``MODALITIES`` order; all-present when absent) and returns ``(logits [B, C], aux_loss)``.
     An absent modality's embedding is replaced by a learned per-modality token; its encoder only
-    runs on the samples that have it, and the fusion masks it out (graph neighbours, pooling).
+    runs on the samples that have it. Fusions that mask absent nodes (MAGNET: graph neighbours, MoE,
+    pooling; attention) never let the token reach the logits while one modality is present, so there
+    it is inert; concatenation fusions feed it on.
     With ``latent_generators`` (FedMobile-style), an absent modality's embedding is instead generated from
     the present ones and takes part in the fusion; ``generator_loss`` then holds the last training
     forward's distillation loss, which the training loop adds to the objective.

@@ -72,6 +72,30 @@ def test_absent_modality_is_ignored(tiny):
         assert (model(b1)[0] - model(b3)[0]).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("fusion,inert", [("magnet", True), ("attention", True), ("concat", False)])
+def test_missing_token_matters_only_to_fusions_that_do_not_mask(fusion, inert, tiny):
+    """MAGNET and attention fusion mask absent nodes (graph neighbours, MoE, pooling), so the learned missing token
+    cannot reach the logits (and gets no gradient) while some modality is present; concatenation feeds it on."""
+    model = build_model(tiny, fusion, seed=0).train()
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[:3, 2] = False  # dc absent in half the batch
+    mask[4, 0] = False
+    batch = make_batch(tiny, b=6, mask=mask, seed=1)
+    logits, _ = model(batch)
+    logits.pow(2).sum().backward()
+    grads = [model.missing_tokens[m].grad for m in ("act", "dc")]
+    assert all(g is not None for g in grads)
+    assert all(not g.any() for g in grads) == inert
+    model.eval()
+    with torch.no_grad():
+        before, _ = model(batch)
+        for p in model.missing_tokens.values():
+            p.add_(torch.randn_like(p) * 10)
+        after, _ = model(batch)
+    assert torch.allclose(before, after) == inert
+    assert torch.allclose(before[5], after[5])  # a complete window never sees a token
+
+
 def test_mixed_batch_matches_per_sample(tiny):
     """Eval outputs of a mixed-mask batch equal those of each sample alone (no row mix-up)."""
     model = build_model(tiny, "magnet", seed=0).eval()
