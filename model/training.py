@@ -142,9 +142,10 @@ def fit(
     ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
     model has them) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
     parameters at the start of this call); gradient accumulation with clipping (the generators' gradients
-    clipped apart from the model's); mixed precision on CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the best
-    epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)``
-    replaces ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
+    clipped apart from the model's); mixed precision on CUDA. With ``val_loader``: ReduceLROnPlateau and
+    early stopping on ``cfg.monitor``, and the best epoch's trainable state (parameters + BatchNorm
+    statistics) is restored at the end. ``validate(model)`` replaces ``evaluate(model, val_loader)`` where
+    validation needs more (per-subject BatchNorm statistics).
     """
     device = torch.device(device)
     log = log or (lambda s: None)
