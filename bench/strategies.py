@@ -48,6 +48,15 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _vs_fedavg(xs: list[float], base: list[float]) -> str:
+    """Difference of means and Welch's t: with 3 seeds a gap under ~2 t is within seed noise."""
+    if len(xs) < 2 or len(base) < 2:
+        return "—"
+    d = statistics.mean(xs) - statistics.mean(base)
+    se = (statistics.variance(xs) / len(xs) + statistics.variance(base) / len(base)) ** 0.5
+    return f"{d:+.3f} (t {d / se:+.1f})" if se > 0 else f"{d:+.3f}"
+
+
 def main() -> int:
     exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,15 +109,19 @@ def main() -> int:
                               "best_round": res["best_round"], "wall_s": res.get("wall_time_s"),
                               "upload_mb_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds) / 1e6})
 
-    header = "| scenario | strategy | test weighted F1 | test macro F1 | upload MB / round | seeds |"
-    lines = [header, "|---|---|---|---|---|---|"]
+    header = ("| scenario | strategy | test weighted F1 | test macro F1 | weighted F1 vs fedavg (Welch t) "
+              "| upload MB / round | seeds |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for scenario in scenarios:
         for strategy in strategies:
             cs = [c for c in cells if c["strategy"] == strategy and c["scenario"] == scenario]
             if not cs:
                 continue
-            lines.append(f"| {scenario} | {strategy} | {_mean_std([c['test_weighted_f1'] for c in cs])} | "
+            base = [c["test_weighted_f1"] for c in cells if c["strategy"] == "fedavg" and c["scenario"] == scenario]
+            wf1 = [c["test_weighted_f1"] for c in cs]
+            lines.append(f"| {scenario} | {strategy} | {_mean_std(wf1)} | "
                          f"{_mean_std([c['test_macro_f1'] for c in cs])} | "
+                         f"{'—' if strategy == 'fedavg' else _vs_fedavg(wf1, base)} | "
                          f"{statistics.mean(c['upload_mb_per_round'] for c in cs):.2f} | {len(cs)} |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
