@@ -54,7 +54,7 @@ class LatentGenerators(nn.Module):
         self.register_buffer("quality", torch.zeros(num_modalities))  # R² on held-out data; set from outside
 
     def _standardise(self, e: torch.Tensor) -> torch.Tensor:
-        return (e - self.mean) * torch.rsqrt(self.var + EPS)
+        return (e - self.mean) * torch.rsqrt(self.var.clamp_min(0) + EPS)  # averaged updates can be < 0
 
     def _predict(self, z: torch.Tensor, present: torch.Tensor, j: int) -> torch.Tensor:
         """Standardised embedding of modality ``j`` from the present others of ``z`` ``[B, M, d]``."""
@@ -66,7 +66,7 @@ class LatentGenerators(nn.Module):
     def generate(self, e: torch.Tensor, present: torch.Tensor, j: int) -> torch.Tensor:
         """Embedding of modality ``j`` ``[B, d]`` from the present other modalities of ``e`` ``[B, M, d]``."""
         z = self._predict(self._standardise(e), present, j)
-        return self.mean[j] + z * torch.sqrt(self.var[j] + EPS)
+        return self.mean[j] + z * torch.sqrt(self.var[j].clamp_min(0) + EPS)
 
     @staticmethod
     def inputs_for(inputs: torch.Tensor, fallback: torch.Tensor, j: int) -> torch.Tensor:

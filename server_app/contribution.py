@@ -68,6 +68,11 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> np.ndarray
     """Seeded k-means (k-means++ initialisation); returns a cluster label per row (empty clusters dropped and
     labels renumbered 0..k'-1)."""
     x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("kmeans: the points contain NaN or inf")
+    scale = np.abs(x).max(initial=0.0)
+    if scale > 0:
+        x = x / scale  # squared distances of huge (finite) points would overflow; clustering is scale-free
     n = len(x)
     k = max(1, min(int(k), n))
     rng = np.random.default_rng(seed)

@@ -90,6 +90,11 @@ class EarlyStopping:
 
 
 # --------------------------------------------------------------------------- aggregation
+def nonfinite_arrays(state: dict[str, np.ndarray]) -> list[str]:
+    """Names of the floating arrays holding NaN or inf."""
+    return [k for k, v in state.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+
+
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """Exact sample-weighted mean, accumulated in float64 and cast back to each array's dtype."""
     if not states:
@@ -218,10 +223,17 @@ class MagnetFedAvg(FedAvg):
             if m.has_error():
                 failures.append({"subject": subject, "reason": str(m.error.reason)})
                 continue
-            ok_messages.append(m)
             rec = m.content["arrays"]
+            state = arrays_to_numpy(rec)
+            bad = nonfinite_arrays(state)
+            if bad:
+                # a diverged or hostile client: averaging it would make the global model NaN or inf
+                failures.append({"subject": subject, "reason": f"non-finite values in {len(bad)} array(s): "
+                                                               f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"})
+                continue
+            ok_messages.append(m)
             met = dict(_metrics(m))
-            replies.append(ClientReply(subject, int(met["num-examples"]), arrays_to_numpy(rec),
+            replies.append(ClientReply(subject, int(met["num-examples"]), state,
                                        {k: float(v) for k, v in met.items() if isinstance(v, (int, float))},
                                        rec.count_bytes()))
         for s in subjects:
@@ -364,16 +376,28 @@ class MagnetFedMobile(MagnetFedAvg):
             if self.generator_proxy is not None and len(replies) > 1:
                 proxy = self.generator_proxy
                 proxy.prepare({**body, **gens[0]})
-                outputs = np.stack([proxy.outputs(g) for g in gens])
+                outputs = [proxy.outputs(g) for g in gens]
+                # finite arrays can still generate NaN (a scaled update can make a variance buffer negative):
+                # such generators get weight 0 and stay out of the clustering
+                usable = [i for i, o in enumerate(outputs) if np.isfinite(o).all()]
+                if not usable:
+                    raise FederationError(f"round {server_round}: every client's generators produce non-finite "
+                                          f"embeddings on the proxy set (subjects {[r.subject for r in replies]})")
 
                 def coalition_value(members: list[int]) -> float:
+                    members = [usable[i] for i in members]
                     return proxy.value(weighted_average([gens[i] for i in members], [sizes[i] for i in members]))
 
-                gen_w, details = clustered_shapley_weights(outputs, sizes, self.shapley_clusters, coalition_value,
-                                                           seed=server_round)
-                info["generators"] = {"clusters": {str(r.subject): c for r, c in zip(replies, details["clusters"])},
+                w_usable, details = clustered_shapley_weights(np.stack([outputs[i] for i in usable]),
+                                                              [sizes[i] for i in usable], self.shapley_clusters,
+                                                              coalition_value, seed=server_round)
+                gen_w = np.zeros(len(replies))
+                gen_w[usable] = w_usable
+                info["generators"] = {"clusters": {str(replies[i].subject): c
+                                                   for i, c in zip(usable, details["clusters"])},
                                       "shapley": details["shapley"],
-                                      "weights": {str(r.subject): w for r, w in zip(replies, details["weights"])}}
+                                      "weights": {str(r.subject): float(w) for r, w in zip(replies, gen_w)},
+                                      "rejected": [r.subject for i, r in enumerate(replies) if i not in usable]}
             else:
                 gen_w = sizes
             body.update(weighted_average(gens, list(gen_w)))

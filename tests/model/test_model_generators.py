@@ -132,3 +132,14 @@ def test_generator_gradients_are_clipped_apart_from_the_model(tiny):
     model_keys = [n for n in small if not n.startswith("generators.")]
     assert model_keys and all(torch.allclose(small[n], huge[n], atol=1e-6) for n in model_keys)
     assert any(not torch.allclose(small[n], huge[n]) for n in small if n.startswith("generators."))
+
+
+def test_a_negative_variance_buffer_does_not_generate_nan():
+    # averaging a scaled update (global + s·(local − global)) can push a variance buffer below 0
+    gen = LatentGenerators(3, 4).eval()
+    gen.var[1].fill_(-2.0)
+    e, present = torch.randn(5, 3, 4), torch.tensor([[True, False, True]]).expand(5, 3)
+    with torch.no_grad():
+        out = gen.generate(e, present, 1)
+        assert torch.isfinite(out).all() and torch.isfinite(gen.distill_loss(e, present))
+        torch.testing.assert_close(out, gen.mean[1].expand(5, 4))  # var 0: the mean, whatever the net says

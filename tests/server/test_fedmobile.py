@@ -52,6 +52,10 @@ def test_kmeans_separates_obvious_clusters_and_is_seeded():
     assert labels[0] == labels[1] == labels[4] != labels[2] == labels[3]
     assert (kmeans(x, 2, seed=3) == labels).all()
     assert kmeans(x[:1], 3).tolist() == [0]
+    # huge but finite points (a scaled attacker's outputs) cluster the same; NaN is refused by name
+    assert (kmeans(x * 1e200, 2, seed=3) == labels).all()
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans(np.array([[0.0], [np.nan]]), 2)
 
 
 def test_clustered_shapley_gives_harmful_cluster_no_weight():
@@ -125,6 +129,33 @@ def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
     # the gate of the generated nodes: the aggregated generators' R² on the proxy set
     np.testing.assert_allclose(out["generators.quality"], [1.0 - 0.075, 0.25], rtol=1e-6)
     assert info["aggregation"]["generator_quality"] == [0.925, 0.25]
+
+
+class NaNProxy(ToyProxy):
+    """Like ToyProxy, but a negative weight generates NaN (as a negative variance buffer does)."""
+
+    def outputs(self, gen):
+        w = float(gen["generators.nets.0.weight"][0])
+        return np.array([w if w >= 0 else np.nan])
+
+
+def test_fedmobile_gives_generators_that_output_nan_no_weight(tmp_path):
+    subjects = [2, 3, 6]
+    spec = {2: (1.0, 100, 0.8, 1.0, 0.5, 1.0), 3: (2.0, 300, 0.4, 1.0, 0.9, 1.1), 6: (4.0, 100, 0.8, 1.0, 1.2, -5.0)}
+    grid = ScriptedGrid(subjects, lambda s, m: mobile_reply(*spec[s]))
+    strat = build_strategy("fedmobile", clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
+                           local_val_fraction=0.2, shapley_clusters=2, generator_proxy=NaNProxy())
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32),
+                                                               "generators.nets.0.weight": np.zeros(1, np.float32),
+                                                               "generators.quality": np.zeros(2, np.float32)}),
+                                     ConfigRecord({}), timeout=5)
+    gen = info["aggregation"]["generators"]
+    assert gen["rejected"] == [6] and gen["weights"]["6"] == 0.0 and "6" not in gen["clusters"]
+    out = arrays_to_numpy(arrays)
+    assert np.isfinite(out["generators.nets.0.weight"]).all() and out["generators.nets.0.weight"][0] > 0
+    # everything else is still averaged with the contribution weights, subject 6 included
+    assert info["trained"] == subjects and info["aggregation"]["weights"]["6"] > 0
 
 
 def test_fedmobile_needs_local_validation_metrics(tmp_path):

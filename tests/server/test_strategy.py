@@ -134,6 +134,29 @@ def test_round_aggregates_weighted_and_skips_failed_reply(tmp_path):
     assert info["bytes_up"] > 0 and info["bytes_down"] > 0
 
 
+def test_round_rejects_a_reply_with_nonfinite_arrays(tmp_path):
+    subjects = [2, 3, 6]
+
+    def behaviour(subject, msg):
+        r = reply({2: 1.0, 3: 3.0, 6: 1.0}[subject], 100)
+        if subject == 6:  # a diverged client: one NaN among finite values
+            w = np.ones((2, 3), np.float32)
+            w[1, 2] = np.nan
+            r = RecordDict({"arrays": numpy_to_arrays({"w": w, "b": np.array([np.inf], np.float32)}),
+                            "metrics": r["metrics"]})
+        return r
+
+    grid = ScriptedGrid(subjects, behaviour)
+    strat = _strategy(tmp_path, subjects, 3)
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
+                                                               "b": np.zeros(1, np.float32)}),
+                                     _empty_config(), timeout=5)
+    np.testing.assert_allclose(arrays_to_numpy(arrays)["w"], 2.0)
+    assert info["trained"] == [2, 3]
+    assert info["failures"] == [{"subject": 6, "reason": "non-finite values in 2 array(s): w, b"}]
+
+
 def _empty_config():
     from flwr.app import ConfigRecord
     return ConfigRecord({})
