@@ -158,6 +158,23 @@ def test_fedmobile_gives_generators_that_output_nan_no_weight(tmp_path):
     assert info["trained"] == subjects and info["aggregation"]["weights"]["6"] > 0
 
 
+def test_fedmobile_weighs_an_unmeasurable_contribution_as_zero(tmp_path):
+    # subject 6's global-model loss is NaN (what a negative BatchNorm variance does): no F1 or gain share
+    subjects = [2, 3, 6]
+    spec = {2: (1.0, 100, 0.8, 1.0, 0.5), 3: (2.0, 300, 0.4, 1.0, 0.9), 6: (4.0, 100, np.nan, np.nan, 1.2)}
+    grid = ScriptedGrid(subjects, lambda s, m: mobile_reply(*spec[s]))
+    strat = build_strategy("fedmobile", clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
+                           local_val_fraction=0.2)
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32)}), ConfigRecord({}),
+                                     timeout=5)
+    # samples .2/.6/.2, F1 2/3, 1/3, 0, gains .5/.1/0 -> 5/6, 1/6, 0
+    expected = (np.array([0.2, 0.6, 0.2]) + np.array([2 / 3, 1 / 3, 0]) + np.array([5 / 6, 1 / 6, 0])) / 3
+    np.testing.assert_allclose([info["aggregation"]["weights"][str(s)] for s in subjects], expected)
+    assert info["aggregation"]["unmeasured"] == [6]
+    np.testing.assert_allclose(arrays_to_numpy(arrays)["w"], expected @ [1.0, 2.0, 4.0], rtol=1e-6)
+
+
 def test_fedmobile_needs_local_validation_metrics(tmp_path):
     from test_strategy import reply
 
