@@ -351,7 +351,6 @@ class MagnetFedMobile(MagnetFedAvg):
         self.local_val_fraction = local_val_fraction
         self.shapley_clusters = shapley_clusters
         self.generator_proxy = generator_proxy
-        self.unmeasured: list[int] = []
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         return {"local-val-fraction": float(self.local_val_fraction)}
@@ -361,17 +360,22 @@ class MagnetFedMobile(MagnetFedAvg):
             if "local_val_weighted_f1" not in r.metrics:
                 raise FederationError(f"subject {r.subject:02d} sent no local validation metrics: is its ClientApp "
                                       "this project's, and was local-val-fraction sent?")
+        f1, gain, unmeasured = self._local_scores(replies)
+        if unmeasured:
+            log(WARNING, "contribution of subject(s) %s not measurable (non-finite local validation F1 or loss): "
+                "a non-finite F1 or loss gain counts as 0", unmeasured)
+        return contribution_weights([r.num_examples for r in replies], f1, gain, self.mix).tolist()
+
+    @staticmethod
+    def _local_scores(replies: list[ClientReply]) -> tuple[list[float], list[float], list[int]]:
+        """Each reply's local validation F1 and loss gain, a NaN or inf one counted as 0 (the global model broken
+        on a client's data, e.g. a BatchNorm variance pushed below 0 by a scaled update, measures nothing),
+        and the subjects that had one."""
         f1 = [r.metrics["local_val_weighted_f1"] for r in replies]
         gain = [r.metrics["local_val_loss_before"] - r.metrics["local_val_loss_after"] for r in replies]
-        # a loss that is NaN or inf (the global model broken on a client's data, e.g. a BatchNorm variance
-        # pushed below 0 by a scaled update) measures no contribution: that share is 0, and the round says so
-        self.unmeasured = [r.subject for r, a, b in zip(replies, f1, gain) if not (np.isfinite(a) and np.isfinite(b))]
-        if self.unmeasured:
-            log(WARNING, "contribution of subject(s) %s not measurable (non-finite local validation loss or F1): "
-                "their F1 and gain shares are 0", self.unmeasured)
-        f1 = [a if np.isfinite(a) else 0.0 for a in f1]
-        gain = [b if np.isfinite(b) else 0.0 for b in gain]
-        return contribution_weights([r.num_examples for r in replies], f1, gain, self.mix).tolist()
+        unmeasured = [r.subject for r, a, b in zip(replies, f1, gain) if not (np.isfinite(a) and np.isfinite(b))]
+        return ([a if np.isfinite(a) else 0.0 for a in f1], [b if np.isfinite(b) else 0.0 for b in gain],
+                unmeasured)
 
     def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
         weights = self.aggregation_weights(replies)
@@ -379,8 +383,9 @@ class MagnetFedMobile(MagnetFedAvg):
         gen_keys = [k for k in keys if k.startswith("generators.")]
         body = weighted_average([{k: r.state[k] for k in keys if k not in gen_keys} for r in replies], weights)
         info: dict[str, Any] = {"weights": {str(r.subject): w for r, w in zip(replies, weights)}}
-        if self.unmeasured:
-            info["unmeasured"] = self.unmeasured
+        unmeasured = self._local_scores(replies)[2]
+        if unmeasured:
+            info["unmeasured"] = unmeasured
         if gen_keys:
             gens = [{k: r.state[k] for k in gen_keys} for r in replies]
             sizes = [float(r.num_examples) for r in replies]
