@@ -37,6 +37,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="compact trains from scratch: 10x the paper's 1e-4")
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-full-protocol"))
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources of one ClientApp")
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four ClientApps share a GPU")
     a = p.parse_args()
     name = f"full-{a.preset}-{a.strategy}-s{a.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "strategy": a.strategy, "seed": a.seed, "lr": a.lr,
@@ -45,7 +47,8 @@ def main() -> int:
         rc["data-path"] = str(Path(a.data_path).resolve())
     marker = f"bench-{uuid.uuid4().hex[:8]}"
     with PeakMemory(marker) as mem:
-        run = run_simulation(rc, nodes=21, workdir=a.workdir / f"sim-{name}", marker=marker, timeout=a.timeout)
+        run = run_simulation(rc, nodes=21, workdir=a.workdir / f"sim-{name}", marker=marker, timeout=a.timeout,
+                             cpus_per_client=a.cpus_per_client, gpus_per_client=a.gpus_per_client)
     res_path = a.workdir / name / "results.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
     test = res.get("test") or {}

@@ -1,4 +1,4 @@
-"""Training and inference throughput (windows/s) of each model preset on this machine's CPU.
+"""Training and inference throughput (windows/s) of each model preset on this machine's CPU or GPU.
 
 Training = the real loop (``model.fit``: forward, backward, AdamW with 8x6 accumulation, clipping)
 on synthetic batches of the preset's input shapes; inference = ``model.training.predict``.
@@ -6,6 +6,7 @@ Prints a readable table, then one JSON line (the last line) with every figure.
 
     python bench/model.py                      # tiny, compact, paper; 1 and 2 threads
     python bench/model.py --presets compact --threads 1 --batches 60
+    python bench/model.py --device cuda --threads 4 --paper-batches 24   # GPU; --amp auto = bf16 where supported
 """
 
 from __future__ import annotations
@@ -40,29 +41,40 @@ def synthetic_batches(cfg, n: int, batch_size: int, num_classes: int = 7, seed: 
     return out
 
 
-def measure(preset: str, fusion: str, modalities: str, threads: int, batches: int, batch_size: int, repeats: int, **overrides) -> dict:
+def measure(preset: str, fusion: str, modalities: str, threads: int, batches: int, batch_size: int, repeats: int,
+            device: str = "cpu", amp: str = "off", **overrides) -> dict:
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     model = build_model(preset, fusion, modalities, seed=0, **overrides)
     cfg = model.cfg
     data = synthetic_batches(cfg, batches, batch_size)
     warm = data[: max(1, min(len(data) // 2, 6))]
-    tc = TrainConfig(epochs=1, grad_accum=6, amp="off")
-    fit(model, warm, tc, device="cpu", log=None)  # warm-up (allocator, oneDNN primitives)
+    tc = TrainConfig(epochs=1, grad_accum=6, amp=amp)
+    fit(model, warm, tc, device=device, log=None)  # warm-up (allocator, oneDNN primitives / cuDNN autotune)
+    predict(model, warm, device, amp=amp)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     train_rates, infer_rates, train_cpu = [], [], []
     load_before = os.getloadavg()[0]
     for _ in range(repeats):
+        sync()
         t, c = time.perf_counter(), time.process_time()
-        fit(model, data, tc, device="cpu", log=None)
+        fit(model, data, tc, device=device, log=None)
+        sync()
         train_rates.append(batches * batch_size / (time.perf_counter() - t))
         train_cpu.append((time.process_time() - c) * 1000 / (batches * batch_size))
         t = time.perf_counter()
-        predict(model, data, "cpu", amp="off")
+        predict(model, data, device, amp=amp)
+        sync()
         infer_rates.append(batches * batch_size / (time.perf_counter() - t))
     pc = count_parameters(model)
     full = {k: v for k, v in model.state_dict().items()}
     return {
         "preset": preset,
         "fusion": fusion,
+        "device": device,
+        "amp": amp,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
         "threads": threads,
         "batch_size": batch_size,
         "batches": batches,
@@ -92,17 +104,20 @@ def main() -> None:
     ap.add_argument("--paper-batches", type=int, default=2, help="training batches for the paper preset")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="best of N (shared machine)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--amp", default=None, help="off | auto | fp16 | bf16 (default: off on CPU, auto on CUDA)")
     args = ap.parse_args()
+    amp = args.amp or ("auto" if args.device.startswith("cuda") else "off")
 
     rows = []
     for preset in args.presets.split(","):
         for th in [int(t) for t in args.threads.split(",")]:
             n = args.paper_batches if preset == "paper" else args.batches
             rep = 1 if preset == "paper" else args.repeats
-            r = measure(preset, args.fusion, args.modalities, th, n, args.batch_size, rep)
+            r = measure(preset, args.fusion, args.modalities, th, n, args.batch_size, rep, args.device, amp)
             rows.append(r)
             print(
-                f"{preset:8s} {args.fusion:8s} thr={th} T_acc={r['acc_steps']:<4d} T_frame={r['frame_steps']:<3d} "
+                f"{preset:8s} {args.fusion:8s} {args.device}/{amp} thr={th} T_acc={r['acc_steps']:<4d} T_frame={r['frame_steps']:<3d} "
                 f"params {r['params_total']/1e6:8.3f}M (trainable {r['params_trainable']/1e6:8.3f}M)  "
                 f"train {r['train_windows_per_s']:8.1f} win/s ({r['train_ms_per_window']:7.2f} ms)  "
                 f"infer {r['infer_windows_per_s']:8.1f} win/s ({r['infer_ms_per_window']:6.2f} ms)  "
@@ -110,12 +125,12 @@ def main() -> None:
                 flush=True,
             )
     print()
-    hdr = "| preset | threads | train win/s | ms/win | train CPU ms/win | infer win/s | ms/win | trainable bytes | full bytes | load |"
+    hdr = "| preset | device | threads | train win/s | ms/win | train CPU ms/win | infer win/s | ms/win | trainable bytes | full bytes | load |"
     print(hdr)
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['preset']} | {r['threads']} | {r['train_windows_per_s']:.1f} | {r['train_ms_per_window']:.2f} | "
+            f"| {r['preset']} | {r['device']} {r['amp']} | {r['threads']} | {r['train_windows_per_s']:.1f} | {r['train_ms_per_window']:.2f} | "
             f"{r['train_cpu_ms_per_window']:.2f} | {r['infer_windows_per_s']:.1f} | {r['infer_ms_per_window']:.2f} | "
             f"{r['bytes_trainable_state']:,} | {r['bytes_full_state']:,} | {r['loadavg_1min_before']:.1f} |"
         )
@@ -124,6 +139,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "results": rows,
     }))
 

@@ -70,6 +70,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-strategies"))
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources of one ClientApp")
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four ClientApps share a GPU")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate the finished cells among those asked for (rows without any: skipped)")
     a = p.parse_args()
@@ -97,7 +99,8 @@ def main() -> int:
                         rc["data-path"] = str(Path(a.data_path).resolve())
                     t0 = time.time()
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout)
+                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout,
+                                         cpus_per_client=a.cpus_per_client, gpus_per_client=a.gpus_per_client)
                     print(f"    {run.status} in {time.time() - t0:.0f} s", flush=True)
                     if not run.ok:
                         print(run.log()[-3000:])

@@ -58,14 +58,15 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     weights = class_weights_from_labels(labels, 7)
     metrics: dict = {}
     if val_loader is not None:
-        metrics["local_val_loss_before"] = float(evaluate(model, val_loader, task.device(), weights)["loss"])
+        metrics["local_val_loss_before"] = float(evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)["loss"])
     loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     history = fit(model, loader, cfg.train_config(), device=task.device(), class_weights=weights,
-                  proximal_mu=proximal_mu, log=lambda line: log(f"[subject {subject:02d} round {server_round}] {line}"))
+                  proximal_mu=proximal_mu,
+                  log=lambda line: log(f"[subject {subject:02d} round {server_round} {task.device_name()}] {line}"))
     last = history[-1]
     if val_loader is not None:
-        m = evaluate(model, val_loader, task.device(), weights)
+        m = evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)
         metrics.update(local_val_loss_after=float(m["loss"]), local_val_weighted_f1=float(m["weighted_f1"]))
     metrics.update({"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
                     "num-examples": len(train_data), "subject": subject})
@@ -94,7 +95,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     model = task.model_for(cfg)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     data = task.dataset(cfg, [subject], train=False)
-    m = evaluate(model, DataLoader(data, batch_size=cfg.eval_batch_size), task.device())
+    m = evaluate(model, DataLoader(data, batch_size=cfg.eval_batch_size), task.device(), amp=cfg.amp)
     metrics = MetricRecord({"eval_loss": float(m["loss"]), "eval_accuracy": float(m["accuracy"]),
                             "eval_weighted_f1": float(m["weighted_f1"]), "num-examples": len(data)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -390,7 +390,8 @@ def load_cache(
 ) -> WindowCache:
     """Open the window cache of ``source`` at ``cfg``, building it first if needed.
 
-    ``source``: zip or folder (``None`` -> :func:`resolve_source`). ``cache_dir``: default
+    ``source``: zip or folder (``None`` -> :func:`resolve_source`), or a prebuilt cache folder (see
+    :func:`open_prebuilt`; nothing is built then). ``cache_dir``: default
     ``$FEDTIME_CACHE_DIR`` or ``~/.cache/fedtime-magnet``. ``workers``: parsing processes for a build
     (default ``min(2, cpu_count)``). A cache whose key matches is never rebuilt (unless
     ``rebuild=True`` or it is found corrupt); a build is atomic and serialised by a file lock.
@@ -398,6 +399,8 @@ def load_cache(
     cfg = cfg or PreprocessConfig()
     root = default_cache_dir(cache_dir)
     src = resolve_source(source, cache_dir=root, progress=progress)
+    if is_prebuilt_cache(src):
+        return open_prebuilt(src, cfg)
     layout = scan_source(src, root)
     fingerprint = source_fingerprint(layout, root)
     key = cache_key(fingerprint, cfg)
@@ -427,6 +430,49 @@ def load_cache(
         wc = _open(final, cfg, key)
         _OPEN[str(final)] = wc
         return wc
+
+
+def is_prebuilt_cache(path: Path) -> bool:
+    """A folder of built windows (one ``windows-<key>`` folder, or a cache directory holding some)
+    rather than the MEx archive: what a GPU node is given when the raw data should not travel."""
+    path = Path(path)
+    return path.is_dir() and ((path / "meta.json").is_file() or any(path.glob("windows-*/meta.json")))
+
+
+def open_prebuilt(path: Path, cfg: PreprocessConfig) -> WindowCache:
+    """Open the window cache at ``cfg`` inside a prebuilt folder; without the source it cannot be rebuilt,
+    so a missing configuration or a cache that fails its checks is an error naming what was found."""
+    path = Path(path)
+    hit = _OPEN.get(f"{path}::{cfg}")
+    if hit is not None:
+        return hit
+    folders = [path] if (path / "meta.json").is_file() else sorted(path.glob("windows-*"))
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    seen = []
+    for folder in folders:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError) as err:
+            seen.append(f"{folder.name}: unreadable meta.json ({err})")
+            continue
+        seen.append(f"{folder.name}: {meta.get('cfg')}")
+        if meta.get("format") != CACHE_FORMAT_VERSION or meta.get("cfg") != wanted:
+            continue
+        key = cache_key(str(meta.get("source", {}).get("fingerprint")), cfg)
+        if meta.get("key") != key:
+            raise ValueError(f"prebuilt window cache {folder}: meta.json's key {meta.get('key')!r} does not match "
+                             f"its source and parameters ({key!r}); it was edited or is corrupt")
+        try:
+            wc = _open(folder, cfg, key)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"prebuilt window cache {folder} is unreadable ({err}); rebuild it from the MEx "
+                             "archive (data-path = the zip) and copy it again") from err
+        _OPEN[f"{path}::{cfg}"] = wc
+        return wc
+    raise FileNotFoundError(
+        f"{path} holds no window cache at {wanted} (format {CACHE_FORMAT_VERSION}); found: "
+        + ("; ".join(seen) or "nothing") + ". Build it where the MEx archive is (data-path = the zip) and copy "
+        "its windows-<key> folder here")
 
 
 def clear_memo() -> None:

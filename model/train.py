@@ -186,15 +186,15 @@ def main(argv=None) -> dict:
     adapt = rc.eval_bn_stats == "subject"
 
     def validate(m):
-        return evaluate_per_subject(m, val_loaders, device, adapt_bn=adapt)
+        return evaluate_per_subject(m, val_loaders, device, adapt_bn=adapt, amp=tc.amp)
 
     t1 = time.perf_counter()
     history = fit(model, train_loader, tc, device=device, class_weights=cw, validate=validate,
                   log=lambda s: print(s, flush=True))
     t_train = time.perf_counter() - t1
     val = validate(model)
-    test = evaluate_per_subject(model, test_loaders, device, adapt_bn=adapt)
-    test_other = evaluate_per_subject(model, test_loaders, device, adapt_bn=not adapt)
+    test = evaluate_per_subject(model, test_loaders, device, adapt_bn=adapt, amp=tc.amp)
+    test_other = evaluate_per_subject(model, test_loaders, device, adapt_bn=not adapt, amp=tc.amp)
     print(f"test weighted F1 with {'global' if adapt else 'per-subject'} BatchNorm statistics instead: "
           f"{test_other['weighted_f1']:.4f}", flush=True)
     print(f"best epoch {history[-1].get('best_epoch', 'swa')}: val wF1 {val['weighted_f1']:.4f} | TEST acc {test['accuracy']:.4f} "

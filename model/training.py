@@ -31,7 +31,9 @@ class TrainConfig:
     lr_patience: int = 3
     min_lr: float = 1e-6
     monitor: str = "weighted_f1"  # validation metric for the scheduler and early stopping
-    amp: str = "auto"  # auto = fp16 autocast + GradScaler on CUDA, off on CPU; or "bf16", "fp16", "off"
+    # CUDA mixed precision: "off" (fp32: the fastest at batch 8 on an H100, docs/gpu.md), "auto" (bf16 where the
+    # GPU has it, else fp16 + GradScaler), "bf16", "fp16"; always off on CPU
+    amp: str = "off"
     label_smoothing: float = 0.0
     modality_dropout: float = 0.0  # training only: drop each present modality of a sample with this
     # probability (at least one stays), so the model learns to use any subset (missing modalities)
@@ -88,18 +90,31 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+#: fp16 GradScaler: torch's default first scale (2**16) overflowed on the first ~7 steps of every fit() call on
+#: an H100 (measured, docs/gpu.md), and a client's fit() is a few dozen steps per round; start low, grow fast.
+FP16_INIT_SCALE = 2.0**10
+FP16_GROWTH_INTERVAL = 50
+
+
 def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler)."""
+    """(autocast dtype or None, use GradScaler). bf16 needs no scaler (fp32's exponent range), so "auto" takes
+    it wherever the GPU has it."""
     mode = mode.lower()
     if mode == "off":
         return None, False
     if mode == "auto":
-        return (torch.float16, True) if device.type == "cuda" else (None, False)
+        if device.type != "cuda":
+            return None, False
+        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
     if mode == "bf16":
         return torch.bfloat16, False
     if mode == "fp16":
         return torch.float16, device.type == "cuda"
     raise ValueError(f"amp must be auto|bf16|fp16|off, got {mode!r}")
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE, growth_interval=FP16_GROWTH_INTERVAL)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -164,7 +179,7 @@ def fit(
             opt, mode="max" if maximize else "min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
         )
     amp_dtype, use_scaler = _amp(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = grad_scaler() if use_scaler else None
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     weight = class_weights.to(device=device, dtype=torch.float32) if class_weights is not None else None
     skip_single = _has_batchnorm(model)
@@ -176,7 +191,8 @@ def fit(
     clip_groups = [g for g in ([p for p in params if id(p) not in generator_ids],
                                [p for p in params if id(p) in generator_ids]) if g]
 
-    def optimizer_step(pending: int) -> None:
+    def optimizer_step(pending: int) -> bool:
+        """False when the GradScaler skipped the step (fp16 overflow)."""
         if scaler is not None:
             scaler.unscale_(opt)
         if pending != accum:  # leftover group: rescale to a mean over the batches it holds
@@ -186,12 +202,16 @@ def fit(
         if cfg.clip and cfg.clip > 0:
             for group in clip_groups:
                 torch.nn.utils.clip_grad_norm_(group, cfg.clip)
+        stepped = True
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(opt)
             scaler.update()
+            stepped = scaler.get_scale() >= scale
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        return stepped
 
     history: list[dict] = []
     best_score, best_epoch, best_state, bad = None, None, None, 0
@@ -203,7 +223,7 @@ def fit(
         t0 = time.perf_counter()
         n = correct = 0
         sum_ce = sum_aux = sum_prox = sum_gen = 0.0
-        steps = pending = skipped = 0
+        steps = pending = skipped = overflow = 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(train_loader):
             if cfg.max_batches_per_epoch is not None and i >= cfg.max_batches_per_epoch:
@@ -237,7 +257,7 @@ def fit(
                 loss.backward()
             pending += 1
             if pending == accum:
-                optimizer_step(pending)
+                overflow += not optimizer_step(pending)
                 pending = 0
                 steps += 1
             bs = y.shape[0]
@@ -246,7 +266,7 @@ def fit(
             sum_aux += float(aux.detach()) * bs
             correct += int((logits.detach().argmax(-1) == y).sum())
         if pending:
-            optimizer_step(pending)
+            overflow += not optimizer_step(pending)
             steps += 1
         train_time = time.perf_counter() - t0
         rec = {
@@ -258,6 +278,7 @@ def fit(
             "train_accuracy": correct / max(n, 1),
             "train_samples": n,
             "optimizer_steps": steps,
+            "amp_skipped_steps": overflow,  # fp16 GradScaler overflows (the weights did not move)
             "skipped_batches": skipped,
             "train_time_s": train_time,
             "train_windows_per_s": n / train_time if train_time > 0 else float("nan"),
@@ -324,7 +345,7 @@ def fit(
 
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[dict], device: "torch.device | str", *, amp: str = "auto"):
+def predict(model: nn.Module, loader: Iterable[dict], device: "torch.device | str", *, amp: str = "off"):
     """(logits float32 [N, C], labels int64 [N], mean aux) over a loader, in eval mode."""
     device = torch.device(device)
     model.to(device)
@@ -382,7 +403,7 @@ def evaluate(
     device: "torch.device | str",
     class_weights: torch.Tensor | None = None,
     *,
-    amp: str = "auto",
+    amp: str = "off",
 ) -> dict:
     """Loss (CE, class-weighted if given), accuracy, weighted/macro F1, weighted precision/recall,
     per-class report, confusion matrix, and the probabilities / labels / predictions (numpy)."""
@@ -412,7 +433,7 @@ def jsonable_metrics(metrics: dict, *, arrays: bool = False) -> dict:
 
 
 def evaluate_per_subject(model: nn.Module, loaders: "dict[int, Iterable[dict]]", device: "torch.device | str", *,
-                         adapt_bn: bool, class_weights: torch.Tensor | None = None, amp: str = "auto") -> dict:
+                         adapt_bn: bool, class_weights: torch.Tensor | None = None, amp: str = "off") -> dict:
     """Evaluate each subject's loader — after re-estimating BatchNorm statistics on that subject's own windows
     when ``adapt_bn`` (AdaBN) — and pool the predictions into one set of metrics. The model's trainable state is
     left as it was."""

@@ -69,6 +69,7 @@ class RunConfig:
     resume: str = ""
     # resources
     num_threads: int = 1
+    amp: str = "off"
     eval_batch_size: int = 64
     eval_bn_stats: str = "subject"
 
@@ -127,6 +128,7 @@ class RunConfig:
         if absent and not set(self.modality_list) - set(absent):
             raise ConfigError("run-config key 'absent-modalities' would leave clients without any modality")
         _check_choice("poison", self.poison, ("none", "label-flip", "scale"))
+        _check_choice("amp", self.amp, ("off", "auto", "bf16", "fp16"))
         if self.poison != "none" and self.poison_clients < 1:
             raise ConfigError(f"run-config key 'poison' is '{self.poison}' but 'poison-clients' is 0")
         if self.patience < 0:
@@ -170,7 +172,7 @@ class RunConfig:
 
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
-                           patience=self.patience, generator_weight=self.generator_weight)
+                           patience=self.patience, generator_weight=self.generator_weight, amp=self.amp)
 
 
 def _key(name: str) -> str:

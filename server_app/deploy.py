@@ -536,6 +536,7 @@ class Deployment:
     data_path: str | None = None
     num_partitions: int = 0
     isolation: str = "subprocess"
+    gpus: list[int] | None = None  # SuperNode i sees only GPU gpus[i % len(gpus)]
     processes: list[Proc] = field(default_factory=list)
 
     @property
@@ -559,6 +560,13 @@ class Deployment:
 
     def env(self, flwr_home: str | Path | None = None) -> dict[str, str]:
         return base_env(Path(flwr_home or self.flwr_home), self.marker)
+
+    def node_env(self, index: int, flwr_home: str | Path) -> dict[str, str]:
+        """A SuperNode's environment: pinned to its GPU (inside, that GPU is ``cuda:0``) when ``gpus`` is set."""
+        env = self.env(flwr_home)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpus[index % len(self.gpus)])
+        return env
 
     def proc(self, name: str) -> Proc:
         for p in self.processes:
@@ -602,11 +610,12 @@ class Deployment:
         self.processes = [p for p in self.processes if p.name != proc.name] + [proc]
         self.save()
 
-    def start_superexec(self, name: str, runtime_address: str, flwr_home: Path, cwd: Path) -> Proc:
+    def start_superexec(self, name: str, runtime_address: str, flwr_home: Path, cwd: Path,
+                        env: dict[str, str] | None = None) -> Proc:
         """``flower-superexec`` for ``--isolation process`` (one per SuperLink/SuperNode)."""
         cmd = [flwr_bin("flower-superexec"), "--runtime-api-address", runtime_address]
         cmd += ["--root-certificates", self.ca_cert] if self.tls else ["--insecure"]
-        env = self.env(flwr_home)
+        env = env or self.env(flwr_home)
         if self.data_path:
             env["FEDTIME_DATA_PATH"] = self.data_path
         proc = start_process(name, "superexec", cmd, Path(self.workdir) / "logs" / f"{name}.log", env, cwd)
@@ -663,14 +672,15 @@ class Deployment:
         port = free_port()
         cmd = self.supernode_cmd(index, port, private_key or None, root_certificates, extra_args, node_config)
         node_dir = wd / "nodes" / name
-        proc = start_process(name, "supernode", cmd, wd / "logs" / f"{name}.log",
-                             self.env(node_dir / "flwr-home"), node_dir, port=port,
-                             extra={"partition-id": index})
+        env = self.node_env(index, node_dir / "flwr-home")
+        proc = start_process(name, "supernode", cmd, wd / "logs" / f"{name}.log", env, node_dir, port=port,
+                             extra={"partition-id": index, "gpu": env.get("CUDA_VISIBLE_DEVICES")})
         if record:
             self._record(proc)
         if self.isolation == "process":
             wait_port(port, "127.0.0.1", 60, proc)
-            ex = self.start_superexec(f"superexec-{name}", f"127.0.0.1:{port}", node_dir / "flwr-home", node_dir)
+            ex = self.start_superexec(f"superexec-{name}", f"127.0.0.1:{port}", node_dir / "flwr-home", node_dir,
+                                      env=env)
             if not record:
                 self.processes = [p for p in self.processes if p.name != ex.name]
                 self.save()
@@ -773,6 +783,20 @@ class Deployment:
 # --------------------------------------------------------------------------- commands
 
 
+def parse_gpus(gpus: str | Sequence[int] | None) -> list[int] | None:
+    """``"0,1"`` or ``[0, 1]`` -> ``[0, 1]``; empty/None -> None (the nodes see every GPU, or none)."""
+    if gpus is None or (isinstance(gpus, str) and not gpus.strip()):
+        return None
+    items = gpus.split(",") if isinstance(gpus, str) else list(gpus)
+    try:
+        out = [int(str(g).strip()) for g in items]
+    except ValueError:
+        out = [-1]
+    if not out or min(out) < 0:
+        raise DeployError(f"--gpus wants comma-separated GPU indices such as 0,1; got {gpus!r}")
+    return out
+
+
 def up(
     workdir: Path,
     nodes: int = 3,
@@ -789,8 +813,10 @@ def up(
     connection: str = DEFAULT_CONNECTION,
     timeout: float = 90,
     isolation: str = "subprocess",
+    gpus: str | Sequence[int] | None = None,
 ) -> Deployment:
-    """Bring SuperLink + ``nodes`` SuperNodes up; write state; wait until online."""
+    """Bring SuperLink + ``nodes`` SuperNodes up; write state; wait until online. ``gpus`` ("0,1"): pin the
+    SuperNodes round-robin to these GPU indices."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / STATE_FILE).exists():
@@ -813,7 +839,7 @@ def up(
         host=host, port=port, tls=tls, auth=auth, database=database,
         flwr_home=str(workdir / "flwr-home"),
         data_path=str(Path(data_path).resolve()) if data_path else None,
-        num_partitions=num_partitions or nodes, isolation=isolation,
+        num_partitions=num_partitions or nodes, isolation=isolation, gpus=parse_gpus(gpus),
     )
     if tls:
         certs = make_certs(Path(certs_dir or workdir / "certs"), [*DEFAULT_SANS, *sans])
@@ -914,6 +940,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=float, default=90)
     u.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                    help="process: separate flower-superexec executors, as in the Docker compose setup")
+    u.add_argument("--gpus", default=None,
+                   help="pin SuperNode i to GPU gpus[i %% n] (CUDA_VISIBLE_DEVICES), e.g. 0,1; default: not pinned")
 
     r = sub.add_parser("run", help="submit the app with `flwr run` and wait for its final status")
     r.add_argument("--workdir", required=True, type=Path)
@@ -962,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      port=args.port or None, host=args.host, data_path=args.data_path,
                      num_partitions=args.num_partitions, certs_dir=args.certs, keys_dir=args.keys,
                      sans=split_sans(args.san), connection=args.connection, timeout=args.timeout,
-                     isolation=args.isolation)
+                     isolation=args.isolation, gpus=args.gpus)
             print(json.dumps({"address": dep.address, "connection": dep.connection,
                               "flwr_home": dep.flwr_home, "state": str(dep.state_path),
                               "pids": {p.name: p.pid for p in dep.processes}}, indent=2))

@@ -44,7 +44,7 @@ class Evaluator:
     def __call__(self, arrays: ArrayRecord, bn_stats: str | None = None) -> dict:
         load_trainable_state(self.model, arrays.to_torch_state_dict())
         return evaluate_per_subject(self.model, self.loaders, self.device,
-                                    adapt_bn=(bn_stats or self.cfg.eval_bn_stats) == "subject")
+                                    adapt_bn=(bn_stats or self.cfg.eval_bn_stats) == "subject", amp=self.cfg.amp)
 
 
 @app.main()

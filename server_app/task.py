@@ -19,6 +19,14 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_name() -> str:
+    """For log lines: "cpu", or "cuda:0 (<GPU name>, CUDA_VISIBLE_DEVICES=<what this process was pinned to>)"."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, CUDA_VISIBLE_DEVICES={pinned})"
+
+
 def preprocess_config(cfg: RunConfig) -> PreprocessConfig:
     preset = PRESETS[cfg.model_preset]
     return PreprocessConfig(acc_hz=preset.acc_hz, frame_hz=preset.frame_hz, window_s=preset.window_s)

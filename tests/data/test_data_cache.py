@@ -162,3 +162,38 @@ def test_read_rows_equals_memmap_slices(synthetic_cache):
         for start, stop in ((0, 1), (3, 60), (160, 168), (5, 5), (167, 500)):
             got = read_rows(a, start, stop)
             assert type(got) is np.ndarray and np.array_equal(got, np.asarray(a[start:stop]))
+
+
+def test_a_prebuilt_cache_folder_opens_without_the_archive(synthetic_cache, tmp_path, monkeypatch):
+    """GPU nodes get a copied cache instead of the raw zip: the same windows, nothing built, and a
+    configuration it does not hold, an edited meta.json or a truncated array is named, never rebuilt."""
+    ship = tmp_path / "ship"
+    shutil.copytree(synthetic_cache.path, ship / synthetic_cache.path.name)
+    cfg = synthetic_cache.cfg
+    monkeypatch.setattr(cache_mod, "_build", lambda *a, **k: pytest.fail("a prebuilt cache must not be rebuilt"))
+    for source in (ship, ship / synthetic_cache.path.name):
+        clear_memo()
+        wc = load_cache(source, cfg, tmp_path / "user-cache", progress=False)
+        assert wc.key == synthetic_cache.key and wc.path.parent == ship
+        np.testing.assert_array_equal(wc.arrays["pm"][-3:], synthetic_cache.arrays["pm"][-3:])
+        assert wc.windows_per_subject() == synthetic_cache.windows_per_subject()
+    clear_memo()
+    monkeypatch.setenv("FEDTIME_DATA_PATH", str(ship))  # the run config's data-path = "" falls back to it
+    assert load_cache(None, cfg, tmp_path / "user-cache", progress=False).key == synthetic_cache.key
+
+    clear_memo()
+    with pytest.raises(FileNotFoundError, match=r"no window cache at .*'acc_hz': 50\.0.*found: windows-"):
+        load_cache(ship, PreprocessConfig(acc_hz=50.0), tmp_path / "user-cache", progress=False)
+
+    meta_path = ship / synthetic_cache.path.name / "meta.json"
+    meta = meta_path.read_text()
+    meta_path.write_text(meta.replace(synthetic_cache.key, "0" * 20))
+    clear_memo()
+    with pytest.raises(ValueError, match="does not match its source and parameters"):
+        load_cache(ship, cfg, progress=False)
+    meta_path.write_text(meta)
+    pm = ship / synthetic_cache.path.name / "pm.npy"
+    pm.write_bytes(pm.read_bytes()[: pm.stat().st_size // 2])
+    clear_memo()
+    with pytest.raises(ValueError, match=r"prebuilt window cache .* is unreadable"):
+        load_cache(ship, cfg, progress=False)

@@ -177,3 +177,21 @@ def test_stop_pids_kills_group_members_after_their_leader_died(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     deploy.stop_pids([proc], grace=0.5)  # reaps the dead leader
     assert not deploy.pid_alive(child), "the orphaned group member survived"
+
+
+def test_supernodes_are_pinned_to_their_gpus_round_robin(tmp_path):
+    assert deploy.parse_gpus("0, 1") == [0, 1] and deploy.parse_gpus([2]) == [2]
+    assert deploy.parse_gpus(None) is None and deploy.parse_gpus(" ") is None
+    for bad in ("0,x", "-1", "0,,1"):
+        with pytest.raises(deploy.DeployError, match="GPU indices"):
+            deploy.parse_gpus(bad)
+    dep = deploy.Deployment(workdir=str(tmp_path), marker="m", connection="c", address="127.0.0.1:1",
+                            host="127.0.0.1", port=1, tls=False, auth=False, database=None,
+                            flwr_home=str(tmp_path / "h"), gpus=[0, 1])
+    assert [dep.node_env(i, tmp_path)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == ["0", "1", "0", "1", "0"]
+    dep.save()
+    assert deploy.Deployment.load(tmp_path).gpus == [0, 1]  # `run`/`down` see the same pinning
+    unpinned = deploy.Deployment.load(tmp_path)
+    unpinned.gpus = None
+    env = unpinned.node_env(0, tmp_path)
+    assert env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")

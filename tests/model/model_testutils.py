@@ -13,3 +13,14 @@ def make_batch(cfg, b=6, seed=0, mask=None, num_classes=7):
     batch["mask"] = torch.ones(b, len(MODALITIES), dtype=torch.bool) if mask is None else mask
     batch["y"] = torch.randint(0, num_classes, (b,), generator=g)
     return batch
+
+
+def separable_batches(cfg, n_batches, b=8, seed=0, num_classes=3):
+    """A task a tiny model must learn: the class sets the accelerometer mean (posture)."""
+    out = []
+    for i in range(n_batches):
+        batch = make_batch(cfg, b=b, seed=seed * 1000 + i, num_classes=num_classes)
+        shift = (batch["y"].float() - 1.0) * 2.0
+        batch["act"] = batch["act"] * 0.3 + shift[:, None, None]
+        out.append(batch)
+    return out

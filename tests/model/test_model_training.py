@@ -6,18 +6,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from model import TrainConfig, build_model, class_weights_from_labels, evaluate, fit, proximal_term
 from model.plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
 from model.training import jsonable_metrics
-from model_testutils import make_batch
-
-
-def separable_batches(cfg, n_batches, b=8, seed=0, num_classes=3):
-    """A task a tiny model must learn: the class sets the accelerometer mean (posture)."""
-    out = []
-    for i in range(n_batches):
-        batch = make_batch(cfg, b=b, seed=seed * 1000 + i, num_classes=num_classes)
-        shift = (batch["y"].float() - 1.0) * 2.0
-        batch["act"] = batch["act"] * 0.3 + shift[:, None, None]
-        out.append(batch)
-    return out
+from model_testutils import make_batch, separable_batches
 
 
 def test_fit_reduces_loss_and_logs(tiny):
@@ -145,7 +134,6 @@ def test_modality_dropout_keeps_one_and_only_drops():
 
 def test_swa_averages_the_weights_of_the_last_epochs(tiny):
     from model import TrainConfig, build_model, fit
-    from model_testutils import make_batch
 
     torch.manual_seed(0)
     model = build_model(tiny, "concat", seed=0)

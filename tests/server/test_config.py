@@ -29,6 +29,7 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     ({"strategy": "fedsgd"}, "'strategy' must be one of"),
     ({"clients-per-round": 0}, "'clients-per-round' must be >= 1"),
     ({"normalization": "minmax"}, "'normalization'"),
+    ({"amp": "fp32"}, "'amp' must be one of"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
