@@ -6,12 +6,13 @@ Prints a readable table, then one JSON line (the last line) with every figure.
 
     python bench/model.py                      # tiny, compact, paper; 1 and 2 threads
     python bench/model.py --presets compact --threads 1 --batches 60
-    python bench/model.py --device cuda --threads 4 --paper-batches 24   # GPU; --amp auto = bf16 where supported
+    python bench/model.py --device cuda --threads 4 --presets paper --paper-batches 12 --batch-size 8,32 --amp off,bf16,fp16
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -102,22 +103,22 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", type=int, default=48, help="training batches per measurement")
     ap.add_argument("--paper-batches", type=int, default=2, help="training batches for the paper preset")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", default="8", help="one or more, comma-separated")
     ap.add_argument("--repeats", type=int, default=2, help="best of N (shared machine)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--amp", default=None, help="off | auto | fp16 | bf16 (default: off on CPU, auto on CUDA)")
+    ap.add_argument("--amp", default="off", help="off | auto | fp16 | bf16, or several comma-separated (CUDA only)")
     args = ap.parse_args()
-    amp = args.amp or ("auto" if args.device.startswith("cuda") else "off")
 
     rows = []
     for preset in args.presets.split(","):
-        for th in [int(t) for t in args.threads.split(",")]:
+        for th, bs, amp in itertools.product([int(t) for t in args.threads.split(",")],
+                                             [int(b) for b in args.batch_size.split(",")], args.amp.split(",")):
             n = args.paper_batches if preset == "paper" else args.batches
             rep = 1 if preset == "paper" else args.repeats
-            r = measure(preset, args.fusion, args.modalities, th, n, args.batch_size, rep, args.device, amp)
+            r = measure(preset, args.fusion, args.modalities, th, n, bs, rep, args.device, amp)
             rows.append(r)
             print(
-                f"{preset:8s} {args.fusion:8s} {args.device}/{amp} thr={th} T_acc={r['acc_steps']:<4d} T_frame={r['frame_steps']:<3d} "
+                f"{preset:8s} {args.fusion:8s} {args.device}/{amp} batch {bs} thr={th} T_acc={r['acc_steps']:<4d} T_frame={r['frame_steps']:<3d} "
                 f"params {r['params_total']/1e6:8.3f}M (trainable {r['params_trainable']/1e6:8.3f}M)  "
                 f"train {r['train_windows_per_s']:8.1f} win/s ({r['train_ms_per_window']:7.2f} ms)  "
                 f"infer {r['infer_windows_per_s']:8.1f} win/s ({r['infer_ms_per_window']:6.2f} ms)  "
@@ -125,12 +126,12 @@ def main() -> None:
                 flush=True,
             )
     print()
-    hdr = "| preset | device | threads | train win/s | ms/win | train CPU ms/win | infer win/s | ms/win | trainable bytes | full bytes | load |"
+    hdr = "| preset | device | batch | threads | train win/s | ms/win | train CPU ms/win | infer win/s | ms/win | trainable bytes | full bytes | load |"
     print(hdr)
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['preset']} | {r['device']} {r['amp']} | {r['threads']} | {r['train_windows_per_s']:.1f} | {r['train_ms_per_window']:.2f} | "
+            f"| {r['preset']} | {r['device']} {r['amp']} | {r['batch_size']} | {r['threads']} | {r['train_windows_per_s']:.1f} | {r['train_ms_per_window']:.2f} | "
             f"{r['train_cpu_ms_per_window']:.2f} | {r['infer_windows_per_s']:.1f} | {r['infer_ms_per_window']:.2f} | "
             f"{r['bytes_trainable_state']:,} | {r['bytes_full_state']:,} | {r['loadavg_1min_before']:.1f} |"
         )
