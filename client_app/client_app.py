@@ -58,7 +58,8 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     weights = class_weights_from_labels(labels, 7)
     metrics: dict = {}
     if val_loader is not None:
-        metrics["local_val_loss_before"] = float(evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)["loss"])
+        before = evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)
+        metrics["local_val_loss_before"] = float(before["loss"])
     loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     history = fit(model, loader, cfg.train_config(), device=task.device(), class_weights=weights,
