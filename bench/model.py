@@ -45,7 +45,8 @@ def synthetic_batches(cfg, n: int, batch_size: int, num_classes: int = 7, seed: 
 def measure(preset: str, fusion: str, modalities: str, threads: int, batches: int, batch_size: int, repeats: int,
             device: str = "cpu", amp: str = "off", **overrides) -> dict:
     torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    on_cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     model = build_model(preset, fusion, modalities, seed=0, **overrides)
     cfg = model.cfg
     data = synthetic_batches(cfg, batches, batch_size)
@@ -53,7 +54,7 @@ def measure(preset: str, fusion: str, modalities: str, threads: int, batches: in
     tc = TrainConfig(epochs=1, grad_accum=6, amp=amp)
     fit(model, warm, tc, device=device, log=None)  # warm-up (allocator, oneDNN primitives / cuDNN autotune)
     predict(model, warm, device, amp=amp)
-    if device.startswith("cuda"):
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     train_rates, infer_rates, train_cpu = [], [], []
     load_before = os.getloadavg()[0]
@@ -75,7 +76,7 @@ def measure(preset: str, fusion: str, modalities: str, threads: int, batches: in
         "fusion": fusion,
         "device": device,
         "amp": amp,
-        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else None,
         "threads": threads,
         "batch_size": batch_size,
         "batches": batches,

@@ -615,7 +615,7 @@ class Deployment:
         """``flower-superexec`` for ``--isolation process`` (one per SuperLink/SuperNode)."""
         cmd = [flwr_bin("flower-superexec"), "--runtime-api-address", runtime_address]
         cmd += ["--root-certificates", self.ca_cert] if self.tls else ["--insecure"]
-        env = env or self.env(flwr_home)
+        env = dict(env) if env else self.env(flwr_home)
         if self.data_path:
             env["FEDTIME_DATA_PATH"] = self.data_path
         proc = start_process(name, "superexec", cmd, Path(self.workdir) / "logs" / f"{name}.log", env, cwd)
@@ -791,7 +791,7 @@ def parse_gpus(gpus: str | Sequence[int] | None) -> list[int] | None:
     try:
         out = [int(str(g).strip()) for g in items]
     except ValueError:
-        out = [-1]
+        out = []
     if not out or min(out) < 0:
         raise DeployError(f"--gpus wants comma-separated GPU indices such as 0,1; got {gpus!r}")
     return out
