@@ -7,7 +7,8 @@ are reused, so the table can be grown run by run:
     python bench/strategies.py --strategies fedavg,fedmobile --scenarios clean,missing50 --seeds 0,1,2
 
 Prints a table of test weighted / macro F1 (mean ± std over seeds) and upload MB per round, writes it as
-markdown next to the runs, and prints one JSON object with every cell as its last line.
+markdown (table.md) and as a figure (table.png: one panel per scenario, every seed a dot) next to the runs, and
+prints one JSON object with every cell as its last line.
 """
 
 from __future__ import annotations
@@ -55,6 +56,40 @@ def _vs_fedavg(xs: list[float], base: list[float]) -> str:
     d = statistics.mean(xs) - statistics.mean(base)
     se = (statistics.variance(xs) / len(xs) + statistics.variance(base) / len(base)) ** 0.5
     return f"{d:+.3f} (t {d / se:+.1f})" if se > 0 else f"{d:+.3f}"
+
+
+def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], path: Path) -> Path:
+    """Bars of mean test weighted F1 per strategy, one panel per scenario; seeds as dots, FedAvg's mean dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [sc for sc in scenarios if any(c["scenario"] == sc for c in cells)]
+    cols = min(3, max(1, len(shown)))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, scenario in zip(axes.flat, shown):
+        names = [st for st in strategies if any(c["strategy"] == st and c["scenario"] == scenario for c in cells)]
+        for i, st in enumerate(names):
+            f1 = [c["test_weighted_f1"] for c in cells if c["strategy"] == st and c["scenario"] == scenario]
+            ax.bar(i, statistics.mean(f1), yerr=statistics.stdev(f1) if len(f1) > 1 else 0, capsize=3,
+                   color="tab:blue" if st == "fedavg" else "tab:grey", alpha=0.6)
+            ax.plot([i] * len(f1), f1, "k.", ms=5)
+            if st == "fedavg":
+                ax.axhline(statistics.mean(f1), color="tab:blue", ls="--", lw=1)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(scenario)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test weighted F1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> int:
@@ -130,6 +165,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{a.preset} preset, {a.rounds} rounds x {a.epochs} local epoch(s), lr {a.lr}, "
                                   f"9 of 21 clients per round\n\n{table}\n")
+    if cells:
+        plot_cells(cells, scenarios, strategies, out / "table.png")
     print(f"\nstrategies x scenarios ({a.preset}, {a.rounds} rounds x {a.epochs} epochs, seeds {seeds})\n")
     print(table)
     print(json.dumps({"preset": a.preset, "rounds": a.rounds, "local_epochs": a.epochs, "lr": a.lr, "cells": cells}))
