@@ -38,7 +38,12 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "krum": {"num-malicious": 2},
                                   # FedMobile's generators with plain sample weights: isolates the reconstruction
                                   "fedmobile-samples": {"strategy": "fedmobile", "fedmobile-perf-weight": 0.0,
-                                                        "fedmobile-gain-weight": 0.0}}
+                                                        "fedmobile-gain-weight": 0.0},
+                                  # each modality's encoder averaged over the clients that have that sensor
+                                  "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True},
+                                  "fedprox-modality": {"strategy": "fedprox", "proximal-mu": 0.01,
+                                                       "modality-aware-averaging": True},
+                                  "fedmobile-modality": {"strategy": "fedmobile", "modality-aware-averaging": True}}
 
 
 def _mean_std(xs: list[float]) -> str:

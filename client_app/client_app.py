@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, Subset
 
+from data_partition.constants import MODALITIES
 from model import class_weights_from_labels, evaluate, fit, load_trainable_state, trainable_state
 from server_app import task
 from server_app.config import RunConfig
@@ -44,12 +45,13 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     load_trainable_state(model, state)
     data = task.dataset(cfg, [subject], train=True)
     labels = data.labels
-    train_data, val_loader = data, None
+    train_data, val_loader, present = data, None, data.masks.sum(axis=0)
     if local_val_fraction > 0:
         order = np.random.default_rng([cfg.seed, subject]).permutation(len(data))
         k = max(1, int(round(local_val_fraction * len(data))))
         val_idx, train_idx = np.sort(order[:k]), np.sort(order[k:])
         train_data, labels = Subset(data, train_idx.tolist()), labels[train_idx]
+        present = data.masks[train_idx].sum(axis=0)
         # the client's own windows as it has them (its missing sensors, its labels), without training noise
         val_data = Subset(task.dataset(cfg.replace(augment_sigma=0.0), [subject], train=True), val_idx.tolist())
         val_loader = DataLoader(val_data, batch_size=cfg.eval_batch_size)
@@ -71,6 +73,8 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
         metrics.update(local_val_loss_after=float(m["loss"]), local_val_weighted_f1=float(m["weighted_f1"]))
     metrics.update({"train_loss": float(last["train_loss"]), "train_accuracy": float(last["train_accuracy"]),
                     "num-examples": len(train_data), "subject": subject})
+    # training windows that have each modality: modality-aware averaging weighs each encoder by them
+    metrics.update({f"present-{m}": int(c) for m, c in zip(MODALITIES, present)})
     if "train_generator" in last:
         metrics["train_generator_loss"] = float(last["train_generator"])
     new_state = task.scenario(cfg).poison_update(subject, trainable_state(model), state)

@@ -30,6 +30,18 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict(keep_vars=True) if k in wanted]
 
 
+def modality_encoder_keys(keys: "list[str]") -> dict[str, list[str]]:
+    """Trainable-state keys grouped by the modality whose encoder owns them (``encoders.<m>.…``): what a
+    client whose windows all lack ``m`` never changes (the encoder runs only on windows that have it). The
+    fusion, the classifier and the missing tokens are shared: a client without ``m`` trains them too."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[0] == "encoders":
+            out.setdefault(parts[1], []).append(k)
+    return out
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the tensors named by :func:`trainable_state_keys`."""
     sd = model.state_dict(keep_vars=True)

@@ -39,6 +39,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
     num_malicious: int = 1
+    modality_aware_averaging: bool = False
     split_seed: int = 42
     seed: int = 0
     min_train_replies: int = 1
@@ -121,6 +122,9 @@ class RunConfig:
             raise ConfigError(f"run-config key 'missing-rate' must be in [0, 1), got {self.missing_rate}")
         if not 0 <= self.local_val_fraction < 0.5:
             raise ConfigError(f"run-config key 'local-val-fraction' must be in [0, 0.5), got {self.local_val_fraction}")
+        if self.modality_aware_averaging and self.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
+            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to fedavg, fedprox and fedmobile, "
+                              f"not to Flower's robust '{self.strategy}'")
         absent = self.absent_modality_list
         if any(m not in MODALITIES for m in absent) or len(set(absent)) != len(absent):
             raise ConfigError(f"run-config key 'absent-modalities' must be a comma-separated subset of "

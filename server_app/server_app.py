@@ -70,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
                               split_seed=cfg.split_seed, train_subjects=list(split.train),
                               min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu,
                               trim_beta=cfg.trim_beta, num_malicious=cfg.num_malicious, store=store,
+                              modality_aware_averaging=cfg.modality_aware_averaging,
                               fedmobile_mix=(cfg.fedmobile_samples_weight, cfg.fedmobile_perf_weight,
                                              cfg.fedmobile_gain_weight),
                               local_val_fraction=cfg.local_val_fraction, shapley_clusters=cfg.shapley_clusters,

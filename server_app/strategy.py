@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Result
 
+from model.state import modality_encoder_keys
 from server_app.contribution import clustered_shapley_weights, contribution_weights
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
 
@@ -138,7 +139,7 @@ class MagnetFedAvg(FedAvg):
 
     def __init__(self, *, clients_per_round: int, patience: int, split_seed: int,
                  train_subjects: list[int], min_train_replies: int = 1, store: RunStore | None = None,
-                 **_: Any) -> None:
+                 modality_aware_averaging: bool = False, **_: Any) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
                          min_available_nodes=clients_per_round)
         self.clients_per_round = clients_per_round
@@ -150,6 +151,7 @@ class MagnetFedAvg(FedAvg):
         self.subject_of_node: dict[int, int] = {}
         self.best_arrays: ArrayRecord | None = None
         self.aggregation_info: dict[str, Any] = {}  # what `aggregate` wants recorded for the round
+        self.modality_aware_averaging = modality_aware_averaging
 
     # ----- hooks other strategies override
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -161,7 +163,31 @@ class MagnetFedAvg(FedAvg):
 
     def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
         """New global trainable state from the successful replies (both lists in subject order)."""
-        return weighted_average([r.state for r in replies], self.aggregation_weights(replies))
+        return self.average(replies, self.aggregation_weights(replies), list(replies[0].state))
+
+    def average(self, replies: list[ClientReply], weights: list[float], keys: list[str]) -> dict:
+        """`weighted_average` of the replies' `keys`. With `modality-aware-averaging`, modality m's encoder is
+        averaged with each weight scaled by the share of that client's training windows that have m: a client
+        without the sensor sends its encoder back untrained, and a plain average would dilute the others'
+        update by its weight. Clients with no window of m are recorded in `aggregation.lacking`."""
+        out = weighted_average([{k: r.state[k] for k in keys} for r in replies], weights)
+        if not self.modality_aware_averaging:
+            return out
+        lacking = {}
+        for m, mkeys in modality_encoder_keys(keys).items():
+            counts = [r.metrics.get(f"present-{m}") for r in replies]
+            if None in counts:
+                subject = replies[counts.index(None)].subject
+                raise FederationError(f"subject {subject:02d} sent no 'present-{m}' count, which "
+                                      "modality-aware-averaging needs: is its ClientApp this project's?")
+            scaled = [w * c / max(r.num_examples, 1) for w, c, r in zip(weights, counts, replies)]
+            if sum(scaled) > 0:  # nobody had m: every reply's encoder is the global one, the plain mean keeps it
+                out.update(weighted_average([{k: r.state[k] for k in mkeys} for r in replies], scaled))
+            if any(c == 0 for c in counts):
+                lacking[m] = [r.subject for r, c in zip(replies, counts) if c == 0]
+        if lacking:
+            self.aggregation_info["lacking"] = lacking
+        return out
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: %d clients per round, patience %d", type(self).__name__,
@@ -381,8 +407,9 @@ class MagnetFedMobile(MagnetFedAvg):
         weights = self.aggregation_weights(replies)
         keys = list(replies[0].state)
         gen_keys = [k for k in keys if k.startswith("generators.")]
-        body = weighted_average([{k: r.state[k] for k in keys if k not in gen_keys} for r in replies], weights)
-        info: dict[str, Any] = {"weights": {str(r.subject): w for r, w in zip(replies, weights)}}
+        body = self.average(replies, weights, [k for k in keys if k not in gen_keys])
+        info: dict[str, Any] = {**self.aggregation_info,
+                                "weights": {str(r.subject): w for r, w in zip(replies, weights)}}
         unmeasured = self._local_scores(replies)[2]
         if unmeasured:
             info["unmeasured"] = unmeasured
@@ -467,6 +494,16 @@ class MagnetKrum(_FlowerRobust):
 
     def __init__(self, *, num_malicious: int = 1, **kwargs: Any) -> None:
         super().__init__(flower_strategy=Krum(num_malicious_nodes=num_malicious), **kwargs)
+
+    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
+        """Flower's Krum returns one reply's arrays; which subject that was goes into results.json
+        (`aggregation.krum_selected`), so a run can be read for whether an attacker or a client lacking
+        a sensor became the global model."""
+        new_state = super().aggregate(server_round, replies, messages)
+        gap = [sum(float(np.sum((np.asarray(r.state[k], np.float64) - np.asarray(v, np.float64)) ** 2))
+                   for k, v in new_state.items()) for r in replies]
+        self.aggregation_info = {"krum_selected": replies[int(np.argmin(gap))].subject}
+        return new_state
 
 
 STRATEGIES: dict[str, type[MagnetFedAvg]] = {

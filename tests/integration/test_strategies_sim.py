@@ -15,7 +15,9 @@ TINY = {"model-preset": "tiny", "local-epochs": 1, "batch-size": 16, "grad-accum
         "num-server-rounds": 2, "clients-per-round": 4, "patience": 0}
 
 CASES = {
-    "fedprox": {"proximal-mu": 0.1},
+    # seed 0 draws subjects 2 and 3 (of the nodes' 2, 3, 6, 7) among the third lacking the depth camera
+    "fedprox": {"proximal-mu": 0.1, "absent-modalities": "dc", "absent-fraction": 0.33,
+                "modality-aware-averaging": True},
     "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "shapley-clusters": 2, "proxy-windows": 64},
     "fedmedian": {"poison": "label-flip", "poison-clients": 1},
     "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "trim-beta": 0.25},
@@ -49,6 +51,12 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
             assert sum(agg["weights"].values()) == pytest.approx(1.0)
             assert sum(agg["generators"]["weights"].values()) == pytest.approx(1.0)
             assert len(agg["generators"]["shapley"]) in (1, 2)
+    if strategy == "fedprox":
+        assert {2, 3} <= set(sc["absent_subjects"])
+        # the clients reported which windows had each sensor, and the server saw who lacked the depth camera
+        assert all(r["aggregation"]["lacking"] == {"dc": [2, 3]} for r in res["rounds"])
+    if strategy == "krum":
+        assert all(r["aggregation"]["krum_selected"] in r["trained"] for r in res["rounds"])
     if strategy in ("fedmedian", "krum"):
         assert len(sc["poisoned_subjects"]) == 1
     if strategy == "fedtrimmedavg":

@@ -151,3 +151,24 @@ def test_swa_averages_the_weights_of_the_last_epochs(tiny):
     for n, p in model.named_parameters():
         if p.requires_grad:  # the final weights: the mean of epochs 2, 3 and 4
             torch.testing.assert_close(p.detach(), sum(s[n] for s in snapshots[1:4]) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_without_a_modality_sends_its_encoder_back_unchanged(tiny):
+    """The premise of modality-aware averaging: windows that all lack the depth camera leave its encoder (weights
+    and BatchNorm statistics) exactly as received, while the other encoders and the shared parts train."""
+    from model.state import modality_encoder_keys, trainable_state
+
+    model = build_model(tiny, "magnet", seed=0)
+    batches = separable_batches(tiny, 3)
+    for b in batches:
+        b["mask"][:, 2] = False  # MODALITIES order act, acw, dc, pm
+    before = trainable_state(model)
+    fit(model, batches, TrainConfig(lr=1e-2, epochs=1, grad_accum=1), device="cpu", log=None)
+    after = trainable_state(model)
+    groups = modality_encoder_keys(list(before))
+    assert set(groups) == {"act", "acw", "dc", "pm"}
+    assert all(torch.equal(before[k], after[k]) for k in groups["dc"])
+    for m in ("act", "pm"):
+        assert any(not torch.equal(before[k], after[k]) for k in groups[m]), m
+    shared = [k for k in before if not k.startswith("encoders.")]
+    assert any(not torch.equal(before[k], after[k]) for k in shared)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -223,3 +223,66 @@ def test_robust_aggregation_resists_an_outlier(name, expected):
     else:
         np.testing.assert_allclose(out["w"], expected)
     assert info["trained"] == subjects
+
+
+def test_krum_records_the_subject_it_selected(tmp_path):
+    # f = 1 of 5: each reply's score is its squared distance to its n - f - 2 = 2 nearest others;
+    # 2.0 scores (0.25 + 1) x 7 coordinates, the lowest (2.5: 2.5, 1.0: 3.25, 4.0: 6.25, 100: huge)
+    subjects = [2, 3, 6, 7, 8]
+    value = {2: 1.0, 3: 2.0, 6: 2.5, 7: 4.0, 8: 100.0}
+    grid = ScriptedGrid(subjects, lambda s, m: reply(value[s], 10))
+    strat = build_strategy("krum", clients_per_round=5, patience=1, split_seed=42, train_subjects=subjects,
+                           num_malicious=1)
+    strat.discover(grid, timeout=5)
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
+                                                               "b": np.zeros(1, np.float32)}),
+                                     _empty_config(), timeout=5)
+    np.testing.assert_array_equal(arrays_to_numpy(arrays)["w"], np.full((2, 3), 2.0))
+    assert info["aggregation"] == {"krum_selected": 3}
+
+
+def _modality_reply(value: float, n: int, present_dc: int) -> RecordDict:
+    return RecordDict({"arrays": numpy_to_arrays({"encoders.dc.cnn.w": np.full(2, value, np.float32),
+                                                  "encoders.act.head.w": np.full(2, value, np.float32),
+                                                  "fusion.w": np.full(2, value, np.float32)}),
+                       "metrics": MetricRecord({"train_loss": 1.0, "train_accuracy": 0.5, "num-examples": n,
+                                                "present-act": n, "present-dc": present_dc})})
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_modality_aware_averaging_weighs_each_encoder_by_the_windows_that_have_its_modality(name):
+    # subject 2: 100 windows, all with dc; 3: 300 windows, none with dc (its dc encoder came back untrained);
+    # 6: 100 windows, half with dc
+    subjects = [2, 3, 6]
+    spec = {2: (1.0, 100, 100), 3: (5.0, 300, 0), 6: (9.0, 100, 50)}
+    grid = ScriptedGrid(subjects, lambda s, m: _modality_reply(*spec[s]))
+    init = numpy_to_arrays({k: np.zeros(2, np.float32) for k in ("encoders.dc.cnn.w", "encoders.act.head.w",
+                                                                   "fusion.w")})
+    outs = {}
+    for aware in (False, True):
+        strat = build_strategy(name, clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
+                               modality_aware_averaging=aware, proximal_mu=0.1)
+        strat.discover(grid, timeout=5)
+        arrays, info = strat.train_round(grid, 1, init, _empty_config(), timeout=5)
+        outs[aware] = (arrays_to_numpy(arrays), info)
+    plain = (1 * 100 + 5 * 300 + 9 * 100) / 500
+    for aware in (False, True):
+        np.testing.assert_allclose(outs[aware][0]["fusion.w"], plain, rtol=1e-6)  # shared: every client trained it
+        np.testing.assert_allclose(outs[aware][0]["encoders.act.head.w"], plain, rtol=1e-6)  # everyone had act
+    np.testing.assert_allclose(outs[False][0]["encoders.dc.cnn.w"], plain, rtol=1e-6)
+    # weights 100·1, 300·0, 100·0.5: the client without the depth camera does not dilute its encoder
+    np.testing.assert_allclose(outs[True][0]["encoders.dc.cnn.w"], (1 * 100 + 9 * 50) / 150, rtol=1e-6)
+    assert outs[True][1]["aggregation"] == {"lacking": {"dc": [3]}}
+    assert "aggregation" not in outs[False][1]
+
+
+def test_modality_aware_averaging_names_a_client_without_presence_counts():
+    grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 10))
+    strat = build_strategy("fedavg", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3],
+                           modality_aware_averaging=True)
+    strat.discover(grid, timeout=5)
+    init = numpy_to_arrays({"encoders.dc.cnn.w": np.zeros(2, np.float32)})
+    grid.behaviour = lambda s, m: RecordDict({"arrays": numpy_to_arrays({"encoders.dc.cnn.w": np.ones(2, np.float32)}),
+                                              "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10})})
+    with pytest.raises(FederationError, match="sent no 'present-dc' count"):
+        strat.train_round(grid, 1, init, _empty_config(), timeout=5)
