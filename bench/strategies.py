@@ -40,10 +40,7 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "fedmobile-samples": {"strategy": "fedmobile", "fedmobile-perf-weight": 0.0,
                                                         "fedmobile-gain-weight": 0.0},
                                   # each modality's encoder averaged over the clients that have that sensor
-                                  "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True},
-                                  "fedprox-modality": {"strategy": "fedprox", "proximal-mu": 0.01,
-                                                       "modality-aware-averaging": True},
-                                  "fedmobile-modality": {"strategy": "fedmobile", "modality-aware-averaging": True}}
+                                  "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True}}
 
 
 def _mean_std(xs: list[float]) -> str:

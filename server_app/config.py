@@ -122,9 +122,6 @@ class RunConfig:
             raise ConfigError(f"run-config key 'missing-rate' must be in [0, 1), got {self.missing_rate}")
         if not 0 <= self.local_val_fraction < 0.5:
             raise ConfigError(f"run-config key 'local-val-fraction' must be in [0, 0.5), got {self.local_val_fraction}")
-        if self.modality_aware_averaging and self.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
-            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to fedavg, fedprox and fedmobile, "
-                              f"not to Flower's robust '{self.strategy}'")
         absent = self.absent_modality_list
         if any(m not in MODALITIES for m in absent) or len(set(absent)) != len(absent):
             raise ConfigError(f"run-config key 'absent-modalities' must be a comma-separated subset of "
@@ -151,6 +148,9 @@ class RunConfig:
         _check_choice("model-preset", self.model_preset, _model_presets())
         _check_choice("fusion", self.fusion, _fusions())
         _check_choice("strategy", self.strategy, _strategies())
+        if self.modality_aware_averaging and not _strategies()[self.strategy].weighted_mean:
+            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to the weighted-mean strategies, "
+                              f"not to '{self.strategy}'")
 
     # ---------------------------------------------------------------- derived
     @property

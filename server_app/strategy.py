@@ -136,6 +136,7 @@ class MagnetFedAvg(FedAvg):
     """Sample-weighted FedAvg over subjects with server validation, early stopping and checkpoints."""
 
     name = "fedavg"
+    weighted_mean = True  # aggregates through `average` (so `modality-aware-averaging` applies)
 
     def __init__(self, *, clients_per_round: int, patience: int, split_seed: int,
                  train_subjects: list[int], min_train_replies: int = 1, store: RunStore | None = None,
@@ -170,10 +171,12 @@ class MagnetFedAvg(FedAvg):
         averaged with each weight scaled by the share of that client's training windows that have m: a client
         without the sensor sends its encoder back untrained, and a plain average would dilute the others'
         update by its weight. Clients with no window of m are recorded in `aggregation.lacking`."""
-        out = weighted_average([{k: r.state[k] for k in keys} for r in replies], weights)
+        def mean(ks: list[str], ws: list[float]) -> dict:
+            return weighted_average([{k: r.state[k] for k in ks} for r in replies], ws)
+
         if not self.modality_aware_averaging:
-            return out
-        lacking = {}
+            return mean(keys, weights)
+        out, lacking = {}, {}
         for m, mkeys in modality_encoder_keys(keys).items():
             counts = [r.metrics.get(f"present-{m}") for r in replies]
             if None in counts:
@@ -182,12 +185,13 @@ class MagnetFedAvg(FedAvg):
                                       "modality-aware-averaging needs: is its ClientApp this project's?")
             scaled = [w * c / max(r.num_examples, 1) for w, c, r in zip(weights, counts, replies)]
             if sum(scaled) > 0:  # nobody had m: every reply's encoder is the global one, the plain mean keeps it
-                out.update(weighted_average([{k: r.state[k] for k in mkeys} for r in replies], scaled))
+                out.update(mean(mkeys, scaled))
             if any(c == 0 for c in counts):
                 lacking[m] = [r.subject for r, c in zip(replies, counts) if c == 0]
+        out.update(mean([k for k in keys if k not in out], weights))
         if lacking:
             self.aggregation_info["lacking"] = lacking
-        return out
+        return {k: out[k] for k in keys}
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: %d clients per round, patience %d", type(self).__name__,
@@ -457,6 +461,8 @@ class _FlowerRobust(MagnetFedAvg):
     """Byzantine-robust aggregation delegated to Flower's own strategy of the same name (its
     `aggregate_train` on the round's successful replies); sampling, validation, early stopping and
     checkpoints stay ours."""
+
+    weighted_mean = False
 
     def __init__(self, *, flower_strategy: FedAvg, **kwargs: Any) -> None:
         super().__init__(**kwargs)

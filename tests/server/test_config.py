@@ -30,6 +30,7 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     ({"clients-per-round": 0}, "'clients-per-round' must be >= 1"),
     ({"normalization": "minmax"}, "'normalization'"),
     ({"amp": "fp32"}, "'amp' must be one of"),
+    ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
