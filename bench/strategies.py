@@ -6,6 +6,11 @@ are reused, so the table can be grown run by run:
 
     python bench/strategies.py --strategies fedavg,fedmobile --scenarios clean,missing50 --seeds 0,1,2
 
+With `--extend`, a cell asked for at more rounds than a finished one of the same strategy, scenario, epochs and
+seed continues that run from its checkpoint (a copy, so the shorter cell stays) instead of training from round 1:
+a resumed run repeats the same sampled clients and local steps (tests/integration/test_simulation.py), so this
+is the longer run, for the cost of its extra rounds.
+
 Prints a table of test weighted / macro F1 (mean ± std over seeds) and upload MB per round, writes it as
 markdown (table.md) and as a figure (table.png: one panel per scenario, every seed a dot) next to the runs, and
 prints one JSON object with every cell as its last line.
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import statistics
 import sys
 import time
@@ -94,6 +101,32 @@ def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], p
     return path
 
 
+def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: int, epochs: int,
+                seed: int) -> Path | None:
+    """The finished cell with the most rounds below `rounds`, same everything else, that kept its checkpoint."""
+    pattern = re.compile(rf"{re.escape(f'{strategy}-{scenario}-{preset}-r')}(\d+)"
+                         rf"{re.escape(f'e{epochs}-s{seed}')}")
+    found = []
+    for d in out.iterdir() if out.exists() else []:
+        m = pattern.fullmatch(d.name)
+        if m and int(m.group(1)) < rounds and (d / "checkpoint" / "state.json").exists():
+            res = json.loads((d / "results.json").read_text())
+            if res.get("test"):
+                found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def extend_copy(src: Path, dst: Path) -> Path:
+    """A copy of finished run `src` at `dst` to resume; results.json names where it came from."""
+    if dst.exists():  # an earlier attempt that did not finish: start it again from the shorter run
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("plots", "best_model.safetensors"))
+    res = json.loads((dst / "results.json").read_text())
+    res.update(run=dst.name, extended_from=src.name, status="running", test=None)
+    (dst / "results.json").write_text(json.dumps(res, indent=2))
+    return dst
+
+
 def main() -> int:
     exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +142,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources of one ClientApp")
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four ClientApps share a GPU")
+    p.add_argument("--extend", action="store_true",
+                   help="continue the longest finished shorter run of a cell from its checkpoint")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate the finished cells among those asked for (rows without any: skipped)")
     a = p.parse_args()
@@ -134,6 +169,11 @@ def main() -> int:
                           **STRATEGY_KEYS.get(strategy, {}), **SCENARIOS[scenario]}
                     if a.data_path:
                         rc["data-path"] = str(Path(a.data_path).resolve())
+                    shorter = shorter_run(out, strategy, scenario, a.preset, a.rounds, a.epochs, seed) \
+                        if a.extend else None
+                    if shorter is not None:
+                        rc["resume"] = str(extend_copy(shorter, out / name))
+                        print(f"    continuing {shorter.name} from its checkpoint", flush=True)
                     t0 = time.time()
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
                     run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout,
