@@ -1,0 +1,51 @@
+"""`bench/strategies.py --extend`: which finished run a longer cell continues, and the copy it resumes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_strategies", Path(__file__).resolve().parents[2] / "bench" / "strategies.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _run(out: Path, name: str, *, finished: bool = True, checkpoint: bool = True) -> Path:
+    d = out / name
+    (d / "checkpoint").mkdir(parents=True)
+    if checkpoint:
+        (d / "checkpoint" / "state.json").write_text(json.dumps({"round": 1}))
+    (d / "best_model.safetensors").write_bytes(b"x")
+    (d / "results.json").write_text(json.dumps({"run": name, "status": "completed" if finished else "running",
+                                                "test": {"weighted_f1": 0.5} if finished else None}))
+    return d
+
+
+def test_shorter_run_is_the_longest_finished_one_with_a_checkpoint(tmp_path):
+    _run(tmp_path, "fedavg-missing50-compact-r5e5-s0")
+    best = _run(tmp_path, "fedavg-missing50-compact-r10e5-s0")
+    _run(tmp_path, "fedavg-missing50-compact-r15e5-s0", finished=False)      # never finished
+    _run(tmp_path, "fedavg-missing50-compact-r12e5-s0", checkpoint=False)    # nothing to resume
+    _run(tmp_path, "fedavg-missing50-compact-r20e5-s0")                      # not shorter
+    _run(tmp_path, "fedavg-missing50-compact-r10e3-s0")                      # other epochs
+    _run(tmp_path, "fedavg-missing50-compact-r10e5-s1")                      # other seed
+    _run(tmp_path, "fedavg-missing50-train-compact-r10e5-s0")                # other scenario
+    _run(tmp_path, "fedavg-modality-missing50-compact-r10e5-s0")             # other strategy
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 20, 5, 0) == best
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 5, 5, 0) is None
+    assert bench.shorter_run(tmp_path, "fedprox", "missing50", "compact", 20, 5, 0) is None
+    assert bench.shorter_run(tmp_path / "absent", "fedavg", "missing50", "compact", 20, 5, 0) is None
+
+
+def test_extend_copy_keeps_the_shorter_run_and_marks_the_copy_unfinished(tmp_path):
+    src = _run(tmp_path, "fedavg-clean-compact-r10e5-s0")
+    dst = tmp_path / "fedavg-clean-compact-r20e5-s0"
+    dst.mkdir()
+    (dst / "stale").write_text("from an interrupted attempt")
+    assert bench.extend_copy(src, dst) == dst
+    res = json.loads((dst / "results.json").read_text())
+    assert res["run"] == dst.name and res["extended_from"] == src.name
+    assert res["status"] == "running" and res["test"] is None
+    assert (dst / "checkpoint" / "state.json").exists()
+    assert not (dst / "best_model.safetensors").exists() and not (dst / "stale").exists()
+    assert json.loads((src / "results.json").read_text())["test"] == {"weighted_f1": 0.5}
