@@ -9,7 +9,10 @@ are reused, so the table can be grown run by run:
 With `--extend`, a cell asked for at more rounds than a finished one of the same strategy, scenario, epochs and
 seed continues that run from its checkpoint (a copy, so the shorter cell stays) instead of training from round 1:
 a resumed run repeats the same sampled clients and local steps (tests/integration/test_simulation.py), so this
-is the longer run, for the cost of its extra rounds.
+is the longer run, for the cost of its extra rounds. `--patience N` names cells `...-pN` and sets their early
+stopping patience (0: never stop); with `--extend` such a cell continues the run of the same cell that an
+earlier patience stopped before its last round (`--patience 0 --rounds 30` after a run that stopped at 19:
+rounds 20 to 30).
 
 Prints a table of test weighted / macro F1 (mean ± std over seeds) and upload MB per round, writes it as
 markdown (table.md) and as a figure (table.png: one panel per scenario, every seed a dot) next to the runs, and
@@ -102,18 +105,30 @@ def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], p
 
 
 def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: int, epochs: int,
-                seed: int) -> Path | None:
-    """The finished cell with the most rounds below `rounds`, same everything else, that kept its checkpoint."""
-    pattern = re.compile(rf"{re.escape(f'{strategy}-{scenario}-{preset}-r')}(\d+)"
-                         rf"{re.escape(f'e{epochs}-s{seed}')}")
+                seed: int, patience: int | None = None) -> Path | None:
+    """The finished run a cell continues: the same cell at fewer rounds that kept its checkpoint, the one that
+    trained most rounds. For a cell with its own `patience`, also one at up to `rounds` rounds that early
+    stopping ended before `rounds` under any patience, unless the new patience would stop it again at once."""
+    prefix = re.escape(f"{strategy}-{scenario}-{preset}-r")
+    pattern = re.compile(rf"{prefix}(\d+){re.escape(f'e{epochs}-s{seed}')}(?:-p(\d+))?")
+    own = f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
     found = []
     for d in out.iterdir() if out.exists() else []:
         m = pattern.fullmatch(d.name)
-        if m and int(m.group(1)) < rounds and (d / "checkpoint" / "state.json").exists():
-            res = json.loads((d / "results.json").read_text())
-            if res.get("test"):
-                found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+        state_path = d / "checkpoint" / "state.json"
+        if not m or d.name == own or not state_path.exists():
+            continue
+        if not json.loads((d / "results.json").read_text()).get("test"):
+            continue
+        named, state = int(m.group(1)), json.loads(state_path.read_text())
+        done, stopped_after = state["round"], state.get("early_stopping", {}).get("bad_rounds", 0)
+        if patience is None:
+            ok = m.group(2) is None and named < rounds
+        else:
+            ok = named <= rounds and done < rounds and not (0 < patience <= stopped_after)
+        if ok:
+            found.append((done, named, d))
+    return max(found)[2] if found else None
 
 
 def extend_copy(src: Path, dst: Path) -> Path:
@@ -142,6 +157,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources of one ClientApp")
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four ClientApps share a GPU")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience of these cells (0: never stop; default: the run config's). "
+                        "Names the cells ...-pN; with --extend they continue runs an earlier patience stopped")
     p.add_argument("--extend", action="store_true",
                    help="continue the longest finished shorter run of a cell from its checkpoint")
     p.add_argument("--report-only", action="store_true",
@@ -158,7 +176,8 @@ def main() -> int:
     for scenario in scenarios:
         for strategy in strategies:
             for seed in seeds:
-                name = f"{strategy}-{scenario}-{a.preset}-r{a.rounds}e{a.epochs}-s{seed}"
+                name = f"{strategy}-{scenario}-{a.preset}-r{a.rounds}e{a.epochs}-s{seed}" + \
+                    ("" if a.patience is None else f"-p{a.patience}")
                 res_path = out / name / "results.json"
                 finished = res_path.exists() and json.loads(res_path.read_text()).get("test")
                 if not finished and a.report_only:
@@ -167,10 +186,12 @@ def main() -> int:
                     rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "local-epochs": a.epochs,
                           "lr": a.lr, "seed": seed, "strategy": strategy, "output-dir": str(out), "run-name": name,
                           **STRATEGY_KEYS.get(strategy, {}), **SCENARIOS[scenario]}
+                    if a.patience is not None:
+                        rc["patience"] = a.patience
                     if a.data_path:
                         rc["data-path"] = str(Path(a.data_path).resolve())
-                    shorter = shorter_run(out, strategy, scenario, a.preset, a.rounds, a.epochs, seed) \
-                        if a.extend else None
+                    shorter = shorter_run(out, strategy, scenario, a.preset, a.rounds, a.epochs, seed,
+                                          a.patience) if a.extend else None
                     if shorter is not None:
                         rc["resume"] = str(extend_copy(shorter, out / name))
                         print(f"    continuing {shorter.name} from its checkpoint", flush=True)
@@ -187,6 +208,7 @@ def main() -> int:
                 cells.append({"strategy": strategy, "scenario": scenario, "seed": seed,
                               "test_weighted_f1": res["test"]["weighted_f1"], "test_macro_f1": res["test"]["macro_f1"],
                               "best_round": res["best_round"], "wall_s": res.get("wall_time_s"),
+                              "rounds_trained": rounds[-1]["round"], "patience": res["config"].get("patience"),
                               "upload_mb_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds) / 1e6})
 
     header = ("| scenario | strategy | test weighted F1 | test macro F1 | weighted F1 vs fedavg (Welch t) "

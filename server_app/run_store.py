@@ -83,7 +83,9 @@ class RunStore:
                 raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt / 'state.json'}")
             self.results = json.loads((self.path / "results.json").read_text())
             self._check_compatible(self.results["config"], config)
-            self.results["config"]["num-server-rounds"] = config["num-server-rounds"]
+            for key in ("num-server-rounds", "patience"):  # may change between a run and its continuation
+                if key in config:
+                    self.results["config"][key] = config[key]
             self.results.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
         else:
             if (self.ckpt / "state.json").exists():

@@ -307,7 +307,10 @@ class MagnetFedAvg(FedAvg):
             arrays = state["global"]
             self.best_arrays = state["best"]
             self.sampler.set_state(state["sampler"])
-            self.early_stopping = EarlyStopping(**state["early_stopping"])
+            # counters from the checkpoint, patience from this run's config: a stopped run resumed with a
+            # longer patience continues
+            self.early_stopping = EarlyStopping(**{**state["early_stopping"],
+                                                   "patience": self.early_stopping.patience})
             first_round = state["round"] + 1
             log(INFO, "resuming %s after round %d (best round %d)", store.path, state["round"],
                 self.early_stopping.best_round)

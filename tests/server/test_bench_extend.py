@@ -10,11 +10,14 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def _run(out: Path, name: str, *, finished: bool = True, checkpoint: bool = True) -> Path:
+def _run(out: Path, name: str, *, finished: bool = True, checkpoint: bool = True, done: int = 1,
+         bad_rounds: int = 0) -> Path:
     d = out / name
     (d / "checkpoint").mkdir(parents=True)
     if checkpoint:
-        (d / "checkpoint" / "state.json").write_text(json.dumps({"round": 1}))
+        (d / "checkpoint" / "state.json").write_text(json.dumps(
+            {"round": done, "early_stopping": {"patience": 6, "best_round": done - bad_rounds,
+                                               "bad_rounds": bad_rounds}}))
     (d / "best_model.safetensors").write_bytes(b"x")
     (d / "results.json").write_text(json.dumps({"run": name, "status": "completed" if finished else "running",
                                                 "test": {"weighted_f1": 0.5} if finished else None}))
@@ -49,3 +52,24 @@ def test_extend_copy_keeps_the_shorter_run_and_marks_the_copy_unfinished(tmp_pat
     assert (dst / "checkpoint" / "state.json").exists()
     assert not (dst / "best_model.safetensors").exists() and not (dst / "stale").exists()
     assert json.loads((src / "results.json").read_text())["test"] == {"weighted_f1": 0.5}
+
+
+def test_a_longer_patience_continues_the_run_early_stopping_ended(tmp_path):
+    stopped = _run(tmp_path, "fedavg-missing50-compact-r30e5-s1", done=19, bad_rounds=6)
+    _run(tmp_path, "fedavg-missing50-compact-r10e5-s1", done=10)                   # fewer rounds trained
+    _run(tmp_path, "fedavg-missing50-compact-r30e5-s2", done=16, bad_rounds=6)     # other seed
+    _run(tmp_path, "fedavg-missing50-compact-r40e5-s1", done=25, bad_rounds=6)     # more rounds asked
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 30, 5, 1, patience=0) == stopped
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 30, 5, 1, patience=12) == stopped
+    # a patience that would stop it again at once: the next-longest run instead
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 30, 5, 1, patience=6).name == \
+        "fedavg-missing50-compact-r10e5-s1"
+    # without --patience a cell at the same rounds is not "shorter"
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 30, 5, 1).name == \
+        "fedavg-missing50-compact-r10e5-s1"
+    # a -pN cell can itself be continued, and never continues itself
+    own = _run(tmp_path, "fedavg-missing50-compact-r30e5-s1-p0", finished=False, done=22)
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 30, 5, 1, patience=0) == stopped
+    assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 40, 5, 1, patience=0).name == \
+        "fedavg-missing50-compact-r40e5-s1"
+    assert own.exists()

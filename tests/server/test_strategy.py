@@ -190,6 +190,33 @@ def test_start_stops_early_keeps_best_round_and_checkpoints(tmp_path):
     assert (tmp_path / "run" / "checkpoint" / "state.json").exists()
 
 
+def test_a_stopped_run_resumed_with_a_longer_patience_continues(tmp_path):
+    subjects = PAPER_TRAIN
+    grid = ScriptedGrid(subjects, lambda s, m: reply(float(m.content["config"]["server-round"]), 10))
+    val_by_round = {1: 0.4, 2: 0.8, 3: 0.6, 4: 0.7, 5: 0.5, 6: 0.9}
+
+    def evaluate_fn(rnd, arrays):
+        return MetricRecord({"val_loss": 1.0, "val_accuracy": 0.5, "val_weighted_f1": val_by_round[rnd],
+                             "val_macro_f1": 0.5})
+
+    w0 = numpy_to_arrays({"w": np.zeros((2, 3), np.float32)})
+    _strategy(tmp_path, subjects, 9, patience=2).start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
+    # same patience: the resumed run is already stopped and trains nothing
+    same = MagnetFedAvg(clients_per_round=9, patience=2, split_seed=42, train_subjects=subjects,
+                        store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 2}, resume=True))
+    same.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
+    assert [r["round"] for r in same.store.results["rounds"]] == [1, 2, 3, 4]
+    # longer patience: rounds 5 and 6 run, the best-round count carries over (round 5 is the 3rd without gain)
+    longer = MagnetFedAvg(clients_per_round=9, patience=4, split_seed=42, train_subjects=subjects,
+                          store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 4}, resume=True))
+    result = longer.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
+    rounds = longer.store.results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert [r["best_round"] for r in rounds[3:]] == [2, 2, 6]
+    assert longer.early_stopping.best_round == 6 and arrays_to_numpy(result.arrays)["w"][0, 0] == 6.0
+    assert longer.store.results["config"]["patience"] == 4
+
+
 def test_fedprox_sends_mu_and_registry_builds_by_name(tmp_path):
     grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 5))
     strat = build_strategy("fedprox", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3],
