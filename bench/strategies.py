@@ -108,7 +108,8 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
                 seed: int, patience: int | None = None) -> Path | None:
     """The finished run a cell continues: the same cell at fewer rounds that kept its checkpoint, the one that
     trained most rounds. For a cell with its own `patience`, also one at up to `rounds` rounds that early
-    stopping ended before `rounds` under any patience, unless the new patience would stop it again at once."""
+    stopping ended before `rounds` under any patience, unless the new patience would stop it again at once, or
+    one that trained all `rounds` (then no round is trained again)."""
     prefix = re.escape(f"{strategy}-{scenario}-{preset}-r")
     pattern = re.compile(rf"{prefix}(\d+){re.escape(f'e{epochs}-s{seed}')}(?:-p(\d+))?")
     own = f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
@@ -125,7 +126,8 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
         if patience is None:
             ok = m.group(2) is None and named < rounds
         else:
-            ok = named <= rounds and done < rounds and not (0 < patience <= stopped_after)
+            # a run that trained all `rounds` is the answer already: resumed, it only re-tests its best round
+            ok = named <= rounds and (done == rounds or (done < rounds and not 0 < patience <= stopped_after))
         if ok:
             found.append((done, named, d))
     return max(found)[2] if found else None

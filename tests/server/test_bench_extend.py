@@ -73,3 +73,7 @@ def test_a_longer_patience_continues_the_run_early_stopping_ended(tmp_path):
     assert bench.shorter_run(tmp_path, "fedavg", "missing50", "compact", 40, 5, 1, patience=0).name == \
         "fedavg-missing50-compact-r40e5-s1"
     assert own.exists()
+    # a run that already trained every round under the old patience is itself the longer-patience answer
+    full = _run(tmp_path, "fedmobile-missing50-compact-r30e5-s2", done=30, bad_rounds=0)
+    assert bench.shorter_run(tmp_path, "fedmobile", "missing50", "compact", 30, 5, 2, patience=0) == full
+    assert bench.shorter_run(tmp_path, "fedmobile", "missing50", "compact", 30, 5, 2) is None
