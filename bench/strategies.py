@@ -104,6 +104,12 @@ def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], p
     return path
 
 
+def cell_name(strategy: str, scenario: str, preset: str, rounds: int, epochs: int, seed: int,
+              patience: int | None = None) -> str:
+    """A cell's run directory name; `-pN` only for cells asked for with their own patience."""
+    return f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
+
+
 def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: int, epochs: int,
                 seed: int, patience: int | None = None) -> Path | None:
     """The finished run a cell continues: the same cell at fewer rounds that kept its checkpoint, the one that
@@ -112,7 +118,7 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
     one that trained all `rounds` (then no round is trained again)."""
     prefix = re.escape(f"{strategy}-{scenario}-{preset}-r")
     pattern = re.compile(rf"{prefix}(\d+){re.escape(f'e{epochs}-s{seed}')}(?:-p(\d+))?")
-    own = f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
+    own = cell_name(strategy, scenario, preset, rounds, epochs, seed, patience)
     found = []
     for d in out.iterdir() if out.exists() else []:
         m = pattern.fullmatch(d.name)
@@ -178,8 +184,7 @@ def main() -> int:
     for scenario in scenarios:
         for strategy in strategies:
             for seed in seeds:
-                name = f"{strategy}-{scenario}-{a.preset}-r{a.rounds}e{a.epochs}-s{seed}" + \
-                    ("" if a.patience is None else f"-p{a.patience}")
+                name = cell_name(strategy, scenario, a.preset, a.rounds, a.epochs, seed, a.patience)
                 res_path = out / name / "results.json"
                 finished = res_path.exists() and json.loads(res_path.read_text()).get("test")
                 if not finished and a.report_only:
