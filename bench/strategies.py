@@ -50,7 +50,10 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "fedmobile-samples": {"strategy": "fedmobile", "fedmobile-perf-weight": 0.0,
                                                         "fedmobile-gain-weight": 0.0},
                                   # each modality's encoder averaged over the clients that have that sensor
-                                  "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True}}
+                                  "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True},
+                                  # modality dropout in local training (each present sensor masked with p 0.5)
+                                  "fedavg-md50": {"strategy": "fedavg", "modality-dropout": 0.5},
+                                  "fedmobile-md50": {"strategy": "fedmobile", "modality-dropout": 0.5}}
 
 
 def _mean_std(xs: list[float]) -> str:

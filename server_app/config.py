@@ -64,6 +64,7 @@ class RunConfig:
     data_path: str = ""
     normalization: str = "global"
     augment_sigma: float = 0.01
+    modality_dropout: float = 0.0
     # outputs
     output_dir: str = "outputs"
     run_name: str = ""
@@ -116,6 +117,8 @@ class RunConfig:
         if not (self.fedmobile_samples_weight + self.fedmobile_perf_weight + self.fedmobile_gain_weight) > 0:
             raise ConfigError("run-config keys 'fedmobile-samples-weight', 'fedmobile-perf-weight' and "
                               "'fedmobile-gain-weight' cannot all be 0")
+        if not 0 <= self.modality_dropout < 1:
+            raise ConfigError(f"run-config key 'modality-dropout' must be in [0, 1), got {self.modality_dropout}")
         if not 0 <= self.absent_fraction <= 1:
             raise ConfigError(f"run-config key 'absent-fraction' must be in [0, 1], got {self.absent_fraction}")
         if not 0 <= self.missing_rate < 1:
@@ -176,7 +179,8 @@ class RunConfig:
 
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
-                           patience=self.patience, generator_weight=self.generator_weight, amp=self.amp)
+                           patience=self.patience, generator_weight=self.generator_weight, amp=self.amp,
+                           modality_dropout=self.modality_dropout)
 
 
 def _key(name: str) -> str:

@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -30,11 +31,19 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     ({"clients-per-round": 0}, "'clients-per-round' must be >= 1"),
     ({"normalization": "minmax"}, "'normalization'"),
     ({"amp": "fp32"}, "'amp' must be one of"),
+    ({"modality-dropout": 1.0}, "'modality-dropout' must be in [0, 1)"),
+    ({"modality-dropout": -0.1}, "'modality-dropout' must be in [0, 1)"),
     ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_run_config({**pyproject_run_config(), **overrides})
+
+
+def test_training_keys_reach_the_shared_training_loop():
+    train = RunConfig.from_run_config({"modality-dropout": 0.5, "lr": 3e-4, "generator-weight": 2.0}).train_config()
+    assert (train.modality_dropout, train.lr, train.generator_weight) == (0.5, 3e-4, 2.0)
+    assert RunConfig().train_config().modality_dropout == 0.0
 
 
 def test_int_accepted_for_float_and_round_trip():
