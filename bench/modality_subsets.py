@@ -7,7 +7,8 @@ For every run directory (results.json + best_model.safetensors of a `flwr run`),
 the test subjects with each of the 15 non-empty modality subsets present in every window (per-subject
 BatchNorm statistics, as the run's own test), then the accuracy expected when each modality is missing with
 probability r independently (the `missing-rate` scenario: a window that would lose all keeps one at random).
-With `--reconstruction`, also how well each modality's embedding can be reconstructed from the other three
+With several run directories, also the routed ceiling: each subset scored by whichever model is best at
+it, in expectation over the subsets a missing rate leaves. With `--reconstruction`, also how well each modality's embedding can be reconstructed from the other three
 across subjects: the best linear map (ridge), fit on training subjects' embeddings and scored (R²) on the
 validation subjects' — a ceiling for linear latent generators on these encoders.
 Prints a table and, as its last line, one JSON object with every figure.
@@ -46,6 +47,22 @@ def subset_probability(subset: tuple[int, ...], rate: float) -> float:
     if len(subset) == 1:
         p += rate ** m / m
     return p
+
+
+def routed_ceiling(scores: dict[str, dict], rates: list[float]) -> dict:
+    """What a model that sends each window to whichever of these models is best for its sensor subset would
+    score, in expectation over the subsets that missing rate r leaves (`subset_probability`): an upper bound
+    for any one of them, and a realisable model (the mask says which subset a window has). `scores` maps a run
+    to its `subsets` dict (subset name -> accuracy, weighted_f1)."""
+    names = ["+".join(MODALITIES[i] for i in s) for s in SUBSETS]
+    best = {n: {k: max(run[n][k] for run in scores.values()) for k in ("accuracy", "weighted_f1")} for n in names}
+    best_run = {n: max(scores, key=lambda r: scores[r][n]["accuracy"]) for n in names}
+    out = {"per_subset": best, "best_run": best_run, "expected_accuracy": {}, "expected_weighted_f1": {}}
+    for r in rates:
+        probs = np.array([subset_probability(s, r) for s in SUBSETS])
+        for k in ("accuracy", "weighted_f1"):
+            out[f"expected_{k}"][str(r)] = float(probs @ np.array([best[n][k] for n in names]) / probs.sum())
+    return out
 
 
 def subject_embeddings(model, cfg: RunConfig, subjects) -> np.ndarray:
@@ -154,6 +171,13 @@ def main() -> int:
     if a.reconstruction:
         for m_i, mod in enumerate(MODALITIES):
             print(f"{'R² lin ' + mod:<16} " + " ".join(f"{out[n]['linear_reconstruction_r2'][m_i]:>28.3f}" for n in names))
+    if len(names) > 1:
+        ceiling = routed_ceiling({n: out[n]["subsets"] for n in names}, rates)
+        out["_routed_ceiling"] = ceiling
+        print("\nbest of these models for each subset (a window routed by its sensors to the best model):")
+        for r in rates:
+            print(f"  missing rate {r}: expected accuracy {ceiling['expected_accuracy'][str(r)]:.3f}, "
+                  f"weighted F1 ~ {ceiling['expected_weighted_f1'][str(r)]:.3f}")
     print(json.dumps(out))
     return 0
 
