@@ -7,10 +7,11 @@ For every run directory (results.json + best_model.safetensors of a `flwr run`),
 the test subjects with each of the 15 non-empty modality subsets present in every window (per-subject
 BatchNorm statistics, as the run's own test), then the accuracy expected when each modality is missing with
 probability r independently (the `missing-rate` scenario: a window that would lose all keeps one at random).
-With several run directories, also the routed ceiling: each subset scored by whichever model is best at
-it, in expectation over the subsets a missing rate leaves. With `--reconstruction`, also how well each modality's embedding can be reconstructed from the other three
-across subjects: the best linear map (ridge), fit on training subjects' embeddings and scored (R²) on the
-validation subjects' — a ceiling for linear latent generators on these encoders.
+With several run directories, also the routed ceiling: each subset scored by whichever model is best at it,
+in expectation over the subsets a missing rate leaves. With `--reconstruction`, also how well each modality's
+embedding can be reconstructed from the other three across subjects: the best linear map (ridge), fit on
+training subjects' embeddings and scored (R²) on the validation subjects' — a ceiling for linear latent
+generators on these encoders.
 Prints a table and, as its last line, one JSON object with every figure.
 """
 
@@ -49,19 +50,27 @@ def subset_probability(subset: tuple[int, ...], rate: float) -> float:
     return p
 
 
+def subset_name(subset: tuple[int, ...]) -> str:
+    return "+".join(MODALITIES[i] for i in subset)
+
+
+def expected_score(scores: dict[str, dict], rate: float, key: str = "accuracy") -> float:
+    """`scores[subset name][key]` in expectation over the subsets that missing rate `rate` leaves."""
+    probs = np.array([subset_probability(s, rate) for s in SUBSETS])
+    return float(probs @ np.array([scores[subset_name(s)][key] for s in SUBSETS]) / probs.sum())
+
+
 def routed_ceiling(scores: dict[str, dict], rates: list[float]) -> dict:
     """What a model that sends each window to whichever of these models is best for its sensor subset would
-    score, in expectation over the subsets that missing rate r leaves (`subset_probability`): an upper bound
-    for any one of them, and a realisable model (the mask says which subset a window has). `scores` maps a run
-    to its `subsets` dict (subset name -> accuracy, weighted_f1)."""
-    names = ["+".join(MODALITIES[i] for i in s) for s in SUBSETS]
+    score, in expectation over the subsets that missing rate r leaves: an upper bound for any one of them, and
+    a realisable model (the mask says which subset a window has). `scores` maps a run to its `subsets` dict
+    (subset name -> accuracy, weighted_f1)."""
+    names = [subset_name(s) for s in SUBSETS]
     best = {n: {k: max(run[n][k] for run in scores.values()) for k in ("accuracy", "weighted_f1")} for n in names}
     best_run = {n: max(scores, key=lambda r: scores[r][n]["accuracy"]) for n in names}
-    out = {"per_subset": best, "best_run": best_run, "expected_accuracy": {}, "expected_weighted_f1": {}}
-    for r in rates:
-        probs = np.array([subset_probability(s, r) for s in SUBSETS])
-        for k in ("accuracy", "weighted_f1"):
-            out[f"expected_{k}"][str(r)] = float(probs @ np.array([best[n][k] for n in names]) / probs.sum())
+    out = {"per_subset": best, "best_run": best_run}
+    for k in ("accuracy", "weighted_f1"):
+        out[f"expected_{k}"] = {str(r): expected_score(best, r, k) for r in rates}
     return out
 
 
@@ -113,14 +122,12 @@ def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstructi
                                masks=mask)
             loaders[s] = DataLoader(ds, batch_size=cfg.eval_batch_size)
         m = evaluate_per_subject(model, loaders, task.device(), adapt_bn=cfg.eval_bn_stats == "subject")
-        name = "+".join(MODALITIES[i] for i in subset)
+        name = subset_name(subset)
         scores[name] = {"accuracy": float(m["accuracy"]), "weighted_f1": float(m["weighted_f1"])}
         print(f"  {run_dir.name:<44} {name:<16} acc {m['accuracy']:.3f}  wF1 {m['weighted_f1']:.3f}", flush=True)
     expected, realised = {}, {}
     for r in rates:
-        probs = [subset_probability(s, r) for s in SUBSETS]
-        accs = [scores["+".join(MODALITIES[i] for i in s)]["accuracy"] for s in SUBSETS]
-        expected[str(r)] = float(np.dot(probs, accs) / sum(probs))
+        expected[str(r)] = expected_score(scores, r)
         # the scenario's own test windows (mixed subsets in one subject, as `missing-rate=r missing-at-eval=true`
         # runs are tested): BatchNorm statistics then come from that mix, not from one subset at a time
         missing = cfg.replace(missing_rate=r, missing_at_eval=True)
@@ -162,7 +169,7 @@ def main() -> int:
     print("\nweighted F1 on the test subjects with only these modalities present")
     print(f"{'present':<16} " + " ".join(f"{n[:28]:>28}" for n in names))
     for subset in SUBSETS:
-        key = "+".join(MODALITIES[i] for i in subset)
+        key = subset_name(subset)
         print(f"{key:<16} " + " ".join(f"{out[n]['subsets'][key]['weighted_f1']:>28.3f}" for n in names))
     for r in rates:
         print(f"{'E[acc] r=' + str(r):<16} " + " ".join(f"{out[n]['expected_accuracy'][str(r)]:>28.3f}" for n in names))
