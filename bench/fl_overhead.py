@@ -47,7 +47,8 @@ def bare_loop(cfg: RunConfig, workers: int) -> tuple[float, float, list[list[int
     torch.manual_seed(cfg.seed)
     model = task.model_for(cfg)
     state = {k: v.clone() for k, v in trainable_state(model).items()}
-    models = [model] + [build_model(cfg.model_preset, fusion=cfg.fusion, modalities=cfg.modality_list)
+    models = [model] + [build_model(cfg.model_preset, fusion=cfg.fusion, modalities=cfg.modality_list,
+                                        **cfg.model_options)
                         for _ in range(workers - 1)]
     sampler = ClientSampler(cfg.split_seed, [s for s in paper_shuffle_order(cfg.split_seed) if s in split.train])
     validate = Evaluator(cfg, split.val)

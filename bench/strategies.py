@@ -53,7 +53,14 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True},
                                   # modality dropout in local training (each present sensor masked with p 0.5)
                                   "fedavg-md50": {"strategy": "fedavg", "modality-dropout": 0.5},
-                                  "fedmobile-md50": {"strategy": "fedmobile", "modality-dropout": 0.5}}
+                                  "fedmobile-md50": {"strategy": "fedmobile", "modality-dropout": 0.5},
+                                  # stronger single-sensor encoders: a head per modality classifies from that
+                                  # modality's embedding alone (weight 1), and the accelerometer encoders read the
+                                  # window's per-axis statistics
+                                  "fedmobile-uni": {"strategy": "fedmobile", "unimodal-weight": 1.0,
+                                                    "acc-window-stats": True},
+                                  "fedavg-uni": {"strategy": "fedavg", "unimodal-weight": 1.0,
+                                                 "acc-window-stats": True}}
 
 
 def _mean_std(xs: list[float]) -> str:

@@ -77,6 +77,8 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     metrics.update({f"present-{m}": int(c) for m, c in zip(MODALITIES, present)})
     if "train_generator" in last:
         metrics["train_generator_loss"] = float(last["train_generator"])
+    if "train_unimodal" in last:
+        metrics["train_unimodal_loss"] = float(last["train_unimodal"])
     new_state = task.scenario(cfg).poison_update(subject, trainable_state(model), state)
     return new_state, metrics
 

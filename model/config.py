@@ -58,6 +58,9 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     ts_dropout: float = 0.1  # dropout outside T5 (projection and pooling head)
+    # per-channel mean / std / min / max of the (globally normalised) window, concatenated to the pooled T5
+    # output: the posture signal that a random-feature forest reads off the accelerometers (docs/model.md)
+    ts_window_stats: bool = False
     # --- DART-CNN (dc, pm) -----------------------------------------------------------------------
     cnn_channels: tuple[int, ...] = (64, 128, 256, 512)
     cnn_pool_after: int = 2  # max-pool 2x2 after this many conv blocks (0 = never)

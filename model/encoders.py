@@ -96,7 +96,9 @@ class TimeSeriesEncoder(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.t5 = get_peft_model(t5, lora)
-        self.head = nn.Sequential(nn.Linear(2 * d, cfg.d_emb), nn.GELU(), nn.Dropout(cfg.ts_dropout))
+        self.window_stats = cfg.ts_window_stats
+        d_pooled = 2 * d + (4 * in_channels if self.window_stats else 0)
+        self.head = nn.Sequential(nn.Linear(d_pooled, cfg.d_emb), nn.GELU(), nn.Dropout(cfg.ts_dropout))
 
     def _positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
         pe = self._pe_cache
@@ -109,8 +111,10 @@ class TimeSeriesEncoder(nn.Module):
         h = self.proj(x)
         h = self.in_dropout(h + self._positions(h.shape[1], h))
         h = self.t5(inputs_embeds=h).last_hidden_state
-        pooled = torch.cat([h.mean(dim=1), h.amax(dim=1)], dim=-1)
-        return self.head(pooled)
+        pooled = [h.mean(dim=1), h.amax(dim=1)]
+        if self.window_stats:
+            pooled += [x.mean(dim=1), x.std(dim=1, unbiased=False), x.amin(dim=1), x.amax(dim=1)]
+        return self.head(torch.cat(pooled, dim=-1))
 
 
 def norm_layer(kind: str, features: int, *, spatial: bool = False, groups: int = 1) -> nn.Module:

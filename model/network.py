@@ -70,10 +70,14 @@ class MultimodalHAR(nn.Module):
     With ``latent_generators`` (FedMobile-style), an absent modality's embedding is instead generated from
     the present ones and takes part in the fusion; ``generator_loss`` then holds the last training
     forward's distillation loss, which the training loop adds to the objective.
+    With ``unimodal_heads``, a linear classifier per modality reads that modality's own embedding; a training
+    forward leaves their logits in ``unimodal_logits`` ``[B, M, C]`` (presence in ``unimodal_present``) for the
+    training loop's auxiliary loss, so that every encoder must classify alone: what a window with one or two
+    sensors relies on. They take no part in the fused prediction.
     """
 
     def __init__(self, cfg: ModelConfig, fusion: str, modalities: Sequence[str], num_classes: int,
-                 latent_generators: bool = False):
+                 latent_generators: bool = False, unimodal_heads: bool = False):
         super().__init__()
         enc_kind, fusion_cls, allowed = FUSIONS[fusion]
         mods = [m for m in MODALITIES if m in modalities]
@@ -97,6 +101,10 @@ class MultimodalHAR(nn.Module):
         )
         self.generators = LatentGenerators(len(mods), cfg.d_emb) if generated else None
         self.generator_loss = torch.zeros(())
+        self.unimodal_heads = (nn.ModuleDict({m: nn.Linear(cfg.d_emb, num_classes) for m in mods})
+                               if unimodal_heads else None)
+        self.unimodal_logits: torch.Tensor | None = None
+        self.unimodal_present: torch.Tensor | None = None
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality embeddings ``[B, M, d]`` (absent ones = learned tokens) and presence ``[B, M]``."""
@@ -129,6 +137,10 @@ class MultimodalHAR(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         e, present = self.embed(batch)
+        if self.unimodal_heads is not None and self.training:
+            self.unimodal_logits = torch.stack(
+                [self.unimodal_heads[m](e[:, j]) for j, m in enumerate(self.modalities)], dim=1)
+            self.unimodal_present = present
         if self.generators is not None:
             if self.training:
                 self.generator_loss = self.generators.distill_loss(e, present)
@@ -146,6 +158,7 @@ def build_model(
     *,
     seed: int | None = None,
     latent_generators: bool = False,
+    unimodal_heads: bool = False,
     **overrides,
 ) -> MultimodalHAR:
     """Build a model by preset and fusion name.
@@ -156,7 +169,8 @@ def build_model(
     only for those. Frozen T5 base weights come from ``cfg.base_seed`` whatever the global RNG state.
     With ``seed``, the trainable initialisation is seeded too (and the global RNG is left untouched);
     without it, it follows the caller's global RNG. ``latent_generators`` adds the FedMobile-style
-    cross-modal generators (``model/generators.py``). ``overrides`` replace ModelConfig fields.
+    cross-modal generators (``model/generators.py``); ``unimodal_heads`` the per-modality classifiers of the
+    unimodal auxiliary loss. ``overrides`` replace ModelConfig fields.
     """
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; choose from {sorted(FUSIONS)}")
@@ -168,10 +182,10 @@ def build_model(
         raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
     cfg = get_config(preset, **overrides)
     if seed is None:
-        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -186,6 +200,8 @@ def parameter_breakdown(model: MultimodalHAR) -> dict[str, dict[str, int]]:
     parts["classifier"] = model.classifier
     if model.generators is not None:
         parts["generators"] = model.generators
+    if model.unimodal_heads is not None:
+        parts["unimodal_heads"] = model.unimodal_heads
     out = {k: count_parameters(v) for k, v in parts.items()}
     out["missing_tokens"] = {"total": sum(p.numel() for p in model.missing_tokens.values())}
     return out

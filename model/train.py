@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     print(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test windows "
           f"(acc {cfg.acc_hz:g} Hz, frames {cfg.frame_hz:g} Hz) in {t_data:.1f}s", flush=True)
 
-    model = build_model(cfg, rc.fusion, mods, seed=rc.seed)
+    model = build_model(cfg, rc.fusion, mods, seed=rc.seed, **rc.model_options)
     pc = count_parameters(model)
     ts_bytes = state_nbytes(trainable_state(model))
     print(f"model: {rc.model_preset}/{rc.fusion} on {'+'.join(model.modalities)}: {pc['total']:,} params, "

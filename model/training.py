@@ -39,6 +39,7 @@ class TrainConfig:
     # probability (at least one stays), so the model learns to use any subset (missing modalities)
     swa_start: int = 0  # > 0: average the trainable weights of epochs swa_start.. (SWA) instead of early stopping
     generator_weight: float = 1.0  # weight of the latent generators' distillation loss (models with generators)
+    unimodal_weight: float = 0.0  # weight of the per-modality heads' cross-entropy (models with unimodal heads)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
     seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
 
@@ -68,6 +69,16 @@ def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
     if total is None:
         return torch.zeros(())
     return 0.5 * mu * total
+
+
+def unimodal_loss(logits: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted cross-entropy of each present modality's own head ``logits [B, M, C]`` against the
+    window's label, averaged over the (window, modality) pairs that ``present [B, M]`` marks."""
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    targets = y.unsqueeze(1).expand(present.shape)
+    return F.cross_entropy(logits[present].float(), targets[present], weight=weight)
 
 
 def drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,7 +166,7 @@ def fit(
 
     AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
     ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
-    model has them) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
+    model has them) (+ ``cfg.unimodal_weight`` * ``unimodal_loss`` when the model has unimodal heads) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
     parameters at the start of this call); gradient accumulation with clipping (the generators' gradients
     clipped apart from the model's); mixed precision on CUDA. With ``val_loader``: ReduceLROnPlateau and
     early stopping on ``cfg.monitor``, and the best epoch's trainable state (parameters + BatchNorm
@@ -184,6 +195,7 @@ def fit(
     weight = class_weights.to(device=device, dtype=torch.float32) if class_weights is not None else None
     skip_single = _has_batchnorm(model)
     has_generators = getattr(model, "generators", None) is not None
+    has_unimodal = getattr(model, "unimodal_heads", None) is not None and cfg.unimodal_weight > 0
     accum = max(1, int(cfg.grad_accum))
     # the generators' distillation gradients never reach the model (detached), so they are clipped apart: under
     # one global norm a badly reconstructing generator would shrink every step of the classifier it serves
@@ -222,7 +234,7 @@ def fit(
         model.train()
         t0 = time.perf_counter()
         n = correct = 0
-        sum_ce = sum_aux = sum_prox = sum_gen = 0.0
+        sum_ce = sum_aux = sum_prox = sum_gen = sum_uni = 0.0
         steps = pending = skipped = overflow = 0
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(train_loader):
@@ -246,6 +258,10 @@ def fit(
                 gen = model.generator_loss.float()
                 loss = loss + cfg.generator_weight * gen
                 sum_gen += float(gen.detach()) * y.shape[0]
+            if has_unimodal:
+                uni = unimodal_loss(model.unimodal_logits, model.unimodal_present, y, weight)
+                loss = loss + cfg.unimodal_weight * uni
+                sum_uni += float(uni.detach()) * y.shape[0]
             if anchor is not None:
                 prox = proximal_term(params, anchor, proximal_mu)
                 loss = loss + prox
@@ -272,7 +288,8 @@ def fit(
         rec = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox + cfg.generator_weight * sum_gen) / max(n, 1),
+            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox + cfg.generator_weight * sum_gen
+                           + cfg.unimodal_weight * sum_uni) / max(n, 1),
             "train_ce": sum_ce / max(n, 1),
             "train_aux": sum_aux / max(n, 1),
             "train_accuracy": correct / max(n, 1),
@@ -287,9 +304,12 @@ def fit(
             rec["train_prox"] = sum_prox / max(n, 1)
         if has_generators:
             rec["train_generator"] = sum_gen / max(n, 1)
+        if has_unimodal:
+            rec["train_unimodal"] = sum_uni / max(n, 1)
         line = (
             f"epoch {epoch}/{cfg.epochs} train loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
-            f"aux {rec['train_aux']:.4f}) acc {rec['train_accuracy']:.3f}"
+            f"aux {rec['train_aux']:.4f}{' unimodal %.4f' % rec['train_unimodal'] if has_unimodal else ''})"
+            f" acc {rec['train_accuracy']:.3f}"
         )
         stop = False
         if validate is not None:

@@ -34,6 +34,7 @@ class RunConfig:
     model_preset: str = "compact"
     fusion: str = "magnet"
     modalities: str = "act,acw,dc,pm"
+    acc_window_stats: bool = False
     # federation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -65,6 +66,7 @@ class RunConfig:
     normalization: str = "global"
     augment_sigma: float = 0.01
     modality_dropout: float = 0.0
+    unimodal_weight: float = 0.0
     # outputs
     output_dir: str = "outputs"
     run_name: str = ""
@@ -111,7 +113,8 @@ class RunConfig:
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"run-config key 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
         for name in ("weight_decay", "proximal_mu", "augment_sigma", "num_malicious", "fedmobile_samples_weight",
-                     "fedmobile_perf_weight", "fedmobile_gain_weight", "generator_weight", "poison_clients"):
+                     "fedmobile_perf_weight", "fedmobile_gain_weight", "generator_weight", "poison_clients",
+                     "unimodal_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, got {getattr(self, name)}")
         if not (self.fedmobile_samples_weight + self.fedmobile_perf_weight + self.fedmobile_gain_weight) > 0:
@@ -169,6 +172,12 @@ class RunConfig:
         """FedMobile-style runs reconstruct missing modalities' embeddings with generators."""
         return self.strategy == "fedmobile"
 
+    @property
+    def model_options(self) -> dict[str, bool]:
+        """What `build_model` needs beyond preset, fusion and modalities, for every party alike."""
+        return {"latent_generators": self.latent_generators, "unimodal_heads": self.unimodal_weight > 0,
+                "ts_window_stats": self.acc_window_stats}
+
     def data_source(self) -> str | None:
         """Configured data path, else $FEDTIME_DATA_PATH, else None (= download / user cache)."""
         return self.data_path or os.environ.get("FEDTIME_DATA_PATH") or None
@@ -180,7 +189,7 @@ class RunConfig:
         return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
                            patience=self.patience, generator_weight=self.generator_weight, amp=self.amp,
-                           modality_dropout=self.modality_dropout)
+                           modality_dropout=self.modality_dropout, unimodal_weight=self.unimodal_weight)
 
 
 def _key(name: str) -> str:

@@ -85,14 +85,14 @@ def dataset(cfg: RunConfig, subjects, *, train: bool) -> WindowDataset:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(preset: str, fusion: str, modalities: tuple[str, ...], latent_generators: bool):
-    return build_model(preset, fusion=fusion, modalities=modalities, latent_generators=latent_generators)
+def _model(preset: str, fusion: str, modalities: tuple[str, ...], options: tuple[tuple[str, bool], ...]):
+    return build_model(preset, fusion=fusion, modalities=modalities, **dict(options))
 
 
 def model_for(cfg: RunConfig) -> torch.nn.Module:
     """A process-wide model instance; callers load the trainable state they need into it. Everything that
     changes during training travels in that state, so reuse across rounds is safe."""
-    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list, cfg.latent_generators)
+    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list, tuple(sorted(cfg.model_options.items())))
 
 
 def set_threads(cfg: RunConfig) -> None:

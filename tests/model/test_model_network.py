@@ -3,6 +3,7 @@ import torch
 
 from model import FUSIONS, MODALITIES, build_model, count_parameters
 from model.fusion import SparseMoE
+from model.training import unimodal_loss
 
 from model_testutils import make_batch
 
@@ -106,10 +107,11 @@ def test_mixed_batch_matches_per_sample(tiny):
             assert torch.allclose(model(one)[0], full[i : i + 1], atol=1e-5)
 
 
-def test_every_trainable_parameter_gets_gradient(tiny):
+@pytest.mark.parametrize("options", [{}, {"unimodal_heads": True, "ts_window_stats": True}])
+def test_every_trainable_parameter_gets_gradient(tiny, options):
     for fusion in sorted(FUSIONS):
         torch.manual_seed(0)
-        model = build_model(tiny, fusion, seed=0).train()
+        model = build_model(tiny, fusion, seed=0, **options).train()
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.SGD(params.values(), lr=0.05)
         seen = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -118,7 +120,10 @@ def test_every_trainable_parameter_gets_gradient(tiny):
             mask[0] = True
             batch = make_batch(tiny, b=8, mask=mask, seed=step)
             logits, aux = model(batch)
-            (torch.nn.functional.cross_entropy(logits, batch["y"]) + 0.01 * aux).backward()
+            loss = torch.nn.functional.cross_entropy(logits, batch["y"]) + 0.01 * aux
+            if model.unimodal_heads is not None:
+                loss = loss + unimodal_loss(model.unimodal_logits, model.unimodal_present, batch["y"])
+            loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
                     seen[n] += p.grad.abs()
@@ -234,3 +239,20 @@ def test_modality_batchnorm_counts_only_windows_that_have_the_modality(momentum)
     ref = torch.nn.functional.gelu(ffn.bn(
         (torch.einsum("bmi,mio->bmo", e, ffn.weight) + ffn.bias).reshape(10, 24)).reshape(10, 3, 8))
     assert torch.allclose(ffn(e, torch.ones(10, 3, dtype=torch.bool)), ref, atol=1e-6)
+
+
+def test_window_stats_carry_the_posture_the_pooled_tokens_may_lose(tiny):
+    """With ts_window_stats the accelerometer head also reads per-axis mean/std/min/max: 4 x 3 more inputs,
+    and a window shifted by a constant changes the embedding through them even with the T5 path held fixed."""
+    from model.encoders import TimeSeriesEncoder
+
+    plain = TimeSeriesEncoder(tiny, "act")
+    stats = TimeSeriesEncoder(tiny.replace(ts_window_stats=True), "act")
+    assert stats.head[0].in_features == plain.head[0].in_features + 12
+    stats.eval()
+    x = torch.randn(4, tiny.acc_steps, 3)
+    pooled_dim = plain.head[0].in_features
+    with torch.no_grad():
+        stats.head[0].weight[:, :pooled_dim] = 0  # silence the T5 path: only the statistics remain
+        a, b = stats(x), stats(x + 1.0)
+    assert not torch.allclose(a, b)

@@ -5,7 +5,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from model import TrainConfig, build_model, class_weights_from_labels, evaluate, fit, proximal_term
 from model.plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
-from model.training import jsonable_metrics
+from model.training import jsonable_metrics, unimodal_loss
 from model_testutils import make_batch, separable_batches
 
 
@@ -172,3 +172,36 @@ def test_a_client_without_a_modality_sends_its_encoder_back_unchanged(tiny):
         assert any(not torch.equal(before[k], after[k]) for k in groups[m]), m
     shared = [k for k in before if not k.startswith("encoders.")]
     assert any(not torch.equal(before[k], after[k]) for k in shared)
+
+
+def test_unimodal_loss_averages_the_present_pairs_only():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [9.0, -9.0]]])  # [B=2, M=2, C=2]
+    present = torch.tensor([[True, True], [True, False]])
+    y = torch.tensor([0, 1])
+    ce = lambda row, t: float(-torch.log_softmax(row, -1)[t])  # noqa: E731
+    expected = (ce(logits[0, 0], 0) + ce(logits[0, 1], 0) + ce(logits[1, 0], 1)) / 3
+    assert float(unimodal_loss(logits, present, y)) == pytest.approx(expected)
+    w = torch.tensor([1.0, 3.0])  # class weights: the weighted mean of torch's cross-entropy
+    expected_w = (ce(logits[0, 0], 0) + ce(logits[0, 1], 0) + 3 * ce(logits[1, 0], 1)) / 5
+    assert float(unimodal_loss(logits, present, y, w)) == pytest.approx(expected_w)
+    none = unimodal_loss(logits.requires_grad_(), torch.zeros_like(present), y)
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_unimodal_heads_teach_each_encoder_to_classify_alone(tiny):
+    """The class is in act only; after training with the unimodal loss, act's own head gets it right."""
+    model = build_model(tiny, "magnet", ("act", "dc"), num_classes=3, seed=0, unimodal_heads=True)
+    data = separable_batches(tiny, 6)
+    hist = fit(model, data, TrainConfig(lr=1e-2, epochs=8, grad_accum=2, seed=0, unimodal_weight=1.0),
+               device="cpu", log=None)
+    assert hist[-1]["train_unimodal"] < 0.8 * hist[0]["train_unimodal"]
+    model.eval()
+    with torch.no_grad():
+        batch = separable_batches(tiny, 1, seed=7)[0]
+        e, _ = model.embed(batch)
+        act_pred = model.unimodal_heads["act"](e[:, 0]).argmax(-1)
+    assert float((act_pred == batch["y"]).float().mean()) > 0.9
+    assert model(batch)[0].shape == (8, 3)  # the heads leave the fused prediction's shape alone
+    off = fit(build_model(tiny, "magnet", ("act",), num_classes=3, seed=0, unimodal_heads=True), data[:2],
+              TrainConfig(epochs=1), device="cpu", log=None)
+    assert "train_unimodal" not in off[0]  # weight 0: heads built but no loss

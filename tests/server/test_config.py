@@ -33,6 +33,8 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     ({"amp": "fp32"}, "'amp' must be one of"),
     ({"modality-dropout": 1.0}, "'modality-dropout' must be in [0, 1)"),
     ({"modality-dropout": -0.1}, "'modality-dropout' must be in [0, 1)"),
+    ({"unimodal-weight": -1.0}, "'unimodal-weight' must be >= 0"),
+    ({"acc-window-stats": 1}, "'acc-window-stats' must be of type bool"),
     ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
@@ -44,6 +46,19 @@ def test_training_keys_reach_the_shared_training_loop():
     train = RunConfig.from_run_config({"modality-dropout": 0.5, "lr": 3e-4, "generator-weight": 2.0}).train_config()
     assert (train.modality_dropout, train.lr, train.generator_weight) == (0.5, 3e-4, 2.0)
     assert RunConfig().train_config().modality_dropout == 0.0
+    assert RunConfig.from_run_config({"unimodal-weight": 0.5}).train_config().unimodal_weight == 0.5
+
+
+def test_model_keys_reach_every_party_s_model():
+    """The ServerApp, the ClientApps and the centralized trainer all build the model from `model_options`."""
+    from server_app import task
+
+    cfg = RunConfig.from_run_config({"model-preset": "tiny", "unimodal-weight": 1.0, "acc-window-stats": True})
+    model = task.model_for(cfg)
+    assert set(model.unimodal_heads) == set(model.modalities)
+    assert model.encoders["act"].window_stats and model.generators is None
+    plain = task.model_for(RunConfig.from_run_config({"model-preset": "tiny"}))
+    assert plain.unimodal_heads is None and not plain.encoders["act"].window_stats
 
 
 def test_int_accepted_for_float_and_round_trip():
