@@ -18,7 +18,9 @@ CASES = {
     # seed 0 draws subjects 2 and 3 (of the nodes' 2, 3, 6, 7) among the third lacking the depth camera
     "fedprox": {"proximal-mu": 0.1, "absent-modalities": "dc", "absent-fraction": 0.33,
                 "modality-aware-averaging": True},
-    "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "shapley-clusters": 2, "proxy-windows": 64},
+    # with the stronger single-sensor encoders: unimodal heads and accelerometer window statistics
+    "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "shapley-clusters": 2, "proxy-windows": 64,
+                  "unimodal-weight": 1.0, "acc-window-stats": True},
     "fedmedian": {"poison": "label-flip", "poison-clients": 1},
     "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "trim-beta": 0.25},
     "krum": {"poison": "scale", "poison-clients": 1, "num-malicious": 1},
@@ -51,6 +53,12 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
             assert sum(agg["weights"].values()) == pytest.approx(1.0)
             assert sum(agg["generators"]["weights"].values()) == pytest.approx(1.0)
             assert len(agg["generators"]["shapley"]) in (1, 2)
+        # the unimodal heads were trained, aggregated and kept with the best model
+        from safetensors.numpy import load_file
+
+        best = load_file(tmp_path / "out" / strategy / "best_model.safetensors")
+        heads = sorted(k for k in best if k.startswith("unimodal_heads."))
+        assert heads == [f"unimodal_heads.{m}.{p}" for m in ("act", "acw", "dc", "pm") for p in ("bias", "weight")]
     if strategy == "fedprox":
         assert {2, 3} <= set(sc["absent_subjects"])
         # the clients reported which windows had each sensor, and the server saw who lacked the depth camera
