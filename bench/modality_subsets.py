@@ -11,7 +11,9 @@ With several run directories, also the routed ceiling: each subset scored by whi
 in expectation over the subsets a missing rate leaves. With `--reconstruction`, also how well each modality's
 embedding can be reconstructed from the other three across subjects: the best linear map (ridge), fit on
 training subjects' embeddings and scored (R²) on the validation subjects' — a ceiling for linear latent
-generators on these encoders.
+generators on these encoders. For a model trained with unimodal heads (`unimodal-weight` > 0), each single-sensor
+subset is also scored by that sensor's own head (`head:<sensor>` rows), and the expectation over subsets with every
+single-sensor window answered by its head instead of the fused path (a fixed rule, not a choice made on test).
 Prints a table and, as its last line, one JSON object with every figure.
 """
 
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from data_partition import WindowDataset  # noqa: E402
 from data_partition.constants import MODALITIES  # noqa: E402
 from model import load_trainable_state  # noqa: E402
-from model.training import each_subject, evaluate_per_subject, move_batch  # noqa: E402
+from model.training import classification_metrics, each_subject, evaluate_per_subject, move_batch  # noqa: E402
 from server_app import task  # noqa: E402
 from server_app.config import RunConfig  # noqa: E402
 
@@ -86,6 +88,22 @@ def subject_embeddings(model, cfg: RunConfig, subjects) -> np.ndarray:
     return np.concatenate(out)
 
 
+def head_scores(model, loaders: dict, modality: str, adapt_bn: bool) -> dict:
+    """Accuracy / weighted F1 of `modality`'s unimodal head alone on the loaders' windows (per-subject BatchNorm
+    statistics when `adapt_bn`, as the fused model is scored)."""
+    j = model.modalities.index(modality)
+    model.eval()
+    probs, labels = [], []
+    for s in each_subject(model, loaders, task.device(), adapt_bn=adapt_bn):
+        with torch.no_grad():
+            for b in loaders[s]:
+                e, _ = model.embed(move_batch(b, task.device()))
+                probs.append(torch.softmax(model.unimodal_heads[modality](e[:, j]).float(), -1).cpu().numpy())
+                labels.append(b["y"].numpy())
+    m = classification_metrics(np.concatenate(labels), np.concatenate(probs), model.num_classes)
+    return {"accuracy": float(m["accuracy"]), "weighted_f1": float(m["weighted_f1"])}
+
+
 def linear_reconstruction_r2(train: np.ndarray, val: np.ndarray, ridge: float = 1e-3) -> list[float]:
     """Per modality j: R² on ``val`` of the ridge map (others -> j) fit on ``train`` (both ``[N, M, d]``)."""
     r2 = []
@@ -111,7 +129,7 @@ def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstructi
     model = task.model_for(cfg)
     load_trainable_state(model, load_file(str(run_dir / "best_model.safetensors")))
     cache, split, stats = task.open_data(cfg)
-    scores = {}
+    scores, heads = {}, {}
     for subset in SUBSETS:
         loaders = {}
         for s in split.test:
@@ -125,6 +143,10 @@ def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstructi
         name = subset_name(subset)
         scores[name] = {"accuracy": float(m["accuracy"]), "weighted_f1": float(m["weighted_f1"])}
         print(f"  {run_dir.name:<44} {name:<16} acc {m['accuracy']:.3f}  wF1 {m['weighted_f1']:.3f}", flush=True)
+        if len(subset) == 1 and model.unimodal_heads is not None:
+            heads[name] = head_scores(model, loaders, name, cfg.eval_bn_stats == "subject")
+            print(f"  {run_dir.name:<44} {'head:' + name:<16} acc {heads[name]['accuracy']:.3f}  "
+                  f"wF1 {heads[name]['weighted_f1']:.3f}", flush=True)
     expected, realised = {}, {}
     for r in rates:
         expected[str(r)] = expected_score(scores, r)
@@ -139,6 +161,9 @@ def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstructi
         print(f"  {run_dir.name:<44} test windows missing {r:.0%}  acc {m['accuracy']:.3f}  "
               f"wF1 {m['weighted_f1']:.3f}", flush=True)
     out = {"subsets": scores, "expected_accuracy": expected, "missing_test": realised,
+           "heads": heads, "expected_with_heads": {str(r): {k: expected_score({**scores, **heads}, r, k)
+                                                            for k in ("accuracy", "weighted_f1")}
+                                                   for r in rates} if heads else {},
            "scenario": results.get("scenario"),
            "strategy": cfg.strategy, "test": (results.get("test") or {}).get("weighted_f1")}
     if reconstruction:
@@ -171,10 +196,19 @@ def main() -> int:
     for subset in SUBSETS:
         key = subset_name(subset)
         print(f"{key:<16} " + " ".join(f"{out[n]['subsets'][key]['weighted_f1']:>28.3f}" for n in names))
+    for mod in MODALITIES:
+        if any(mod in out[n]["heads"] for n in names):
+            print(f"{'head:' + mod:<16} " + " ".join(
+                f"{out[n]['heads'][mod]['weighted_f1']:>28.3f}" if mod in out[n]["heads"] else f"{'-':>28}"
+                for n in names))
     for r in rates:
         print(f"{'E[acc] r=' + str(r):<16} " + " ".join(f"{out[n]['expected_accuracy'][str(r)]:>28.3f}" for n in names))
         print(f"{'wF1 test r=' + str(r):<16} " + " ".join(f"{out[n]['missing_test'][str(r)]['weighted_f1']:>28.3f}"
                                                       for n in names))
+        if any(out[n]["heads"] for n in names):
+            print(f"{'E[wF1] heads r=' + str(r):<16} " + " ".join(
+                f"{out[n]['expected_with_heads'][str(r)]['weighted_f1']:>28.3f}" if out[n]["heads"] else f"{'-':>28}"
+                for n in names))
     if a.reconstruction:
         for m_i, mod in enumerate(MODALITIES):
             print(f"{'R² lin ' + mod:<16} " + " ".join(f"{out[n]['linear_reconstruction_r2'][m_i]:>28.3f}" for n in names))

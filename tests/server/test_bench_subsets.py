@@ -32,3 +32,35 @@ def test_routed_ceiling_takes_each_subset_from_its_best_model():
     assert ceiling["expected_accuracy"]["0.5"] == pytest.approx((1 - p_acw) * 0.8 + p_acw * 1.0)
     assert ceiling["expected_weighted_f1"]["0.5"] == pytest.approx((1 - p_acw) * 0.7 + p_acw * 0.9)
     assert ceiling["expected_accuracy"]["0.0"] == pytest.approx(0.8)           # complete windows only
+
+
+def test_head_scores_are_the_lone_head_s_predictions():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+    from model_testutils import make_batch
+
+    from model import build_model
+    from model.config import get_config
+
+    tiny = get_config("tiny")
+    model = build_model(tiny, "magnet", seed=0, unimodal_heads=True).eval()
+    mask = torch.zeros(8, 4, dtype=torch.bool)
+    mask[:, 2] = True  # the depth camera alone
+    loaders = {s: [make_batch(tiny, b=8, seed=s, mask=mask)] for s in (1, 2)}
+    expected = []
+    with torch.no_grad():
+        for s in (1, 2):
+            b = loaders[s][0]
+            expected.append(model.unimodal_heads["dc"](model.embed(b)[0][:, 2]).argmax(-1) == b["y"])
+    got = bench.head_scores(model, loaders, "dc", adapt_bn=False)
+    assert got["accuracy"] == pytest.approx(float(torch.cat(expected).float().mean()))
+    assert 0 <= got["weighted_f1"] <= 1
+    # a fixed rule, not a choice: single-sensor windows answered by their heads replace those subsets' scores
+    names = ["+".join(bench.MODALITIES[i] for i in s) for s in bench.SUBSETS]
+    fused = {n: {"accuracy": 0.5, "weighted_f1": 0.5} for n in names}
+    with_heads = {**fused, "dc": {"accuracy": 1.0, "weighted_f1": 1.0}}
+    gain = bench.expected_score(with_heads, 0.5) - bench.expected_score(fused, 0.5)
+    assert gain == pytest.approx(0.5 * (1 / 16 + 1 / 64))
