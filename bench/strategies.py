@@ -149,6 +149,15 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
     return max(found)[2] if found else None
 
 
+def interrupted_round(run_dir: Path) -> int | None:
+    """The last checkpointed round of an unfinished attempt at a cell (a timeout or Ctrl-C stopped it), which the
+    next invocation resumes instead of losing it; None when there is none (or the run finished)."""
+    state, res = run_dir / "checkpoint" / "state.json", run_dir / "results.json"
+    if not state.exists() or (res.exists() and json.loads(res.read_text()).get("test")):
+        return None
+    return int(json.loads(state.read_text())["round"])
+
+
 def extend_copy(src: Path, dst: Path) -> Path:
     """A copy of finished run `src` at `dst` to resume; results.json names where it came from."""
     if dst.exists():  # an earlier attempt that did not finish: start it again from the shorter run
@@ -172,7 +181,9 @@ def main() -> int:
     p.add_argument("--preset", default="compact")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-strategies"))
-    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--timeout", type=float, default=0,
+                   help="seconds one cell may run (default: 600 per round); a cell stopped by it keeps its "
+                        "checkpoint and the next invocation resumes it")
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources of one ClientApp")
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four ClientApps share a GPU")
     p.add_argument("--patience", type=int, default=None,
@@ -207,14 +218,18 @@ def main() -> int:
                         rc["patience"] = a.patience
                     if a.data_path:
                         rc["data-path"] = str(Path(a.data_path).resolve())
+                    done = interrupted_round(out / name)
                     shorter = shorter_run(out, strategy, scenario, a.preset, a.rounds, a.epochs, seed,
-                                          a.patience) if a.extend else None
-                    if shorter is not None:
+                                          a.patience) if a.extend and done is None else None
+                    if done is not None:  # an earlier attempt at this very cell (timeout, Ctrl-C): continue it
+                        rc["resume"] = str(out / name)
+                        print(f"    resuming {name} after round {done}", flush=True)
+                    elif shorter is not None:
                         rc["resume"] = str(extend_copy(shorter, out / name))
                         print(f"    continuing {shorter.name} from its checkpoint", flush=True)
                     t0 = time.time()
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout,
+                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout or 600 * a.rounds,
                                          cpus_per_client=a.cpus_per_client, gpus_per_client=a.gpus_per_client)
                     print(f"    {run.status} in {time.time() - t0:.0f} s", flush=True)
                     if not run.ok:

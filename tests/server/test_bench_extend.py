@@ -77,3 +77,13 @@ def test_a_longer_patience_continues_the_run_early_stopping_ended(tmp_path):
     full = _run(tmp_path, "fedmobile-missing50-compact-r30e5-s2", done=30, bad_rounds=0)
     assert bench.shorter_run(tmp_path, "fedmobile", "missing50", "compact", 30, 5, 2, patience=0) == full
     assert bench.shorter_run(tmp_path, "fedmobile", "missing50", "compact", 30, 5, 2) is None
+
+
+def test_an_interrupted_cell_is_resumed_not_lost(tmp_path):
+    stopped = _run(tmp_path, "fedmobile-missing50-compact-r30e5-s1-p0", finished=False, done=20)
+    assert bench.interrupted_round(stopped) == 20
+    finished = _run(tmp_path, "fedavg-missing50-compact-r30e5-s1-p0", done=30)
+    assert bench.interrupted_round(finished) is None
+    never_checkpointed = _run(tmp_path, "fedavg-clean-compact-r30e5-s1-p0", finished=False, checkpoint=False)
+    assert bench.interrupted_round(never_checkpointed) is None
+    assert bench.interrupted_round(tmp_path / "absent") is None
