@@ -206,8 +206,8 @@ def main() -> int:
         print(f"{'wF1 test r=' + str(r):<16} " + " ".join(f"{out[n]['missing_test'][str(r)]['weighted_f1']:>28.3f}"
                                                       for n in names))
         if any(out[n]["heads"] for n in names):
-            print(f"{'E[wF1] heads r=' + str(r):<16} " + " ".join(
-                f"{out[n]['expected_with_heads'][str(r)]['weighted_f1']:>28.3f}" if out[n]["heads"] else f"{'-':>28}"
+            print(f"{'E[acc] heads ' + str(r):<16} " + " ".join(
+                f"{out[n]['expected_with_heads'][str(r)]['accuracy']:>28.3f}" if out[n]["heads"] else f"{'-':>28}"
                 for n in names))
     if a.reconstruction:
         for m_i, mod in enumerate(MODALITIES):
