@@ -229,8 +229,9 @@ def main() -> int:
                         print(f"    continuing {shorter.name} from its checkpoint", flush=True)
                     t0 = time.time()
                     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", timeout=a.timeout or 600 * a.rounds,
-                                         cpus_per_client=a.cpus_per_client, gpus_per_client=a.gpus_per_client)
+                    run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}",
+                                         timeout=a.timeout or 600 * a.rounds, cpus_per_client=a.cpus_per_client,
+                                         gpus_per_client=a.gpus_per_client)
                     print(f"    {run.status} in {time.time() - t0:.0f} s", flush=True)
                     if not run.ok:
                         print(run.log()[-3000:])

@@ -166,11 +166,11 @@ def fit(
 
     AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
     ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
-    model has them) (+ ``cfg.unimodal_weight`` * ``unimodal_loss`` when the model has unimodal heads) + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable
-    parameters at the start of this call); gradient accumulation with clipping (the generators' gradients
-    clipped apart from the model's); mixed precision on CUDA. With ``val_loader``: ReduceLROnPlateau and
-    early stopping on ``cfg.monitor``, and the best epoch's trainable state (parameters + BatchNorm
-    statistics) is restored at the end. ``validate(model)`` replaces ``evaluate(model, val_loader)`` where
+    model has them) (+ ``cfg.unimodal_weight`` * ``unimodal_loss`` when the model has unimodal heads)
+    + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable parameters at the start of this call);
+    gradient accumulation with clipping (the generators' gradients clipped apart from the model's); mixed
+    precision on CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the
+    best epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)`` replaces ``evaluate(model, val_loader)`` where
     validation needs more (per-subject BatchNorm statistics).
     """
     device = torch.device(device)
