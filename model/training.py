@@ -170,8 +170,8 @@ def fit(
     + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable parameters at the start of this call);
     gradient accumulation with clipping (the generators' gradients clipped apart from the model's); mixed
     precision on CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the
-    best epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)`` replaces ``evaluate(model, val_loader)`` where
-    validation needs more (per-subject BatchNorm statistics).
+    best epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)``
+    replaces ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
     """
     device = torch.device(device)
     log = log or (lambda s: None)
