@@ -60,7 +60,11 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "fedmobile-uni": {"strategy": "fedmobile", "unimodal-weight": 1.0,
                                                     "acc-window-stats": True},
                                   "fedavg-uni": {"strategy": "fedavg", "unimodal-weight": 1.0,
-                                                 "acc-window-stats": True}}
+                                                 "acc-window-stats": True},
+                                  "fedmobile-accnorm": {"strategy": "fedmobile", "acc-window-stats": True,
+                                                        "acc-window-stats-norm": True},
+                                  "fedavg-accnorm": {"strategy": "fedavg", "acc-window-stats": True,
+                                                     "acc-window-stats-norm": True}}
 
 
 def _mean_std(xs: list[float]) -> str:

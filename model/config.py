@@ -61,6 +61,10 @@ class ModelConfig:
     # per-channel mean / std / min / max of the (globally normalised) window, concatenated to the pooled T5
     # output: the posture signal that a random-feature forest reads off the accelerometers (docs/model.md)
     ts_window_stats: bool = False
+    # BatchNorm over those statistics: a client holds one subject, and evaluation re-estimates BatchNorm
+    # statistics per subject (AdaBN), so each subject's statistics are standardised by that subject's own
+    # (sensor placement and posture offsets differ between subjects; docs/model.md)
+    ts_window_stats_norm: bool = False
     # --- DART-CNN (dc, pm) -----------------------------------------------------------------------
     cnn_channels: tuple[int, ...] = (64, 128, 256, 512)
     cnn_pool_after: int = 2  # max-pool 2x2 after this many conv blocks (0 = never)

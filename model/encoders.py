@@ -97,6 +97,9 @@ class TimeSeriesEncoder(nn.Module):
             warnings.simplefilter("ignore")
             self.t5 = get_peft_model(t5, lora)
         self.window_stats = cfg.ts_window_stats
+        if cfg.ts_window_stats_norm and not cfg.ts_window_stats:
+            raise ValueError("ts_window_stats_norm normalises the window statistics: it needs ts_window_stats")
+        self.stats_norm = nn.BatchNorm1d(4 * in_channels) if cfg.ts_window_stats_norm else None
         d_pooled = 2 * d + (4 * in_channels if self.window_stats else 0)
         self.head = nn.Sequential(nn.Linear(d_pooled, cfg.d_emb), nn.GELU(), nn.Dropout(cfg.ts_dropout))
 
@@ -113,8 +116,16 @@ class TimeSeriesEncoder(nn.Module):
         h = self.t5(inputs_embeds=h).last_hidden_state
         pooled = [h.mean(dim=1), h.amax(dim=1)]
         if self.window_stats:
-            pooled += [x.mean(dim=1), x.std(dim=1, unbiased=False), x.amin(dim=1), x.amax(dim=1)]
+            stats = torch.cat([x.mean(dim=1), x.std(dim=1, unbiased=False), x.amin(dim=1), x.amax(dim=1)], dim=-1)
+            pooled.append(stats if self.stats_norm is None else self._normalise_stats(stats))
         return self.head(torch.cat(pooled, dim=-1))
+
+
+    def _normalise_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        bn = self.stats_norm
+        if bn.training and stats.shape[0] < 2:  # one window with this sensor in the batch: no batch statistics
+            return F.batch_norm(stats, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        return bn(stats)
 
 
 def norm_layer(kind: str, features: int, *, spatial: bool = False, groups: int = 1) -> nn.Module:

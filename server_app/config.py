@@ -35,6 +35,7 @@ class RunConfig:
     fusion: str = "magnet"
     modalities: str = "act,acw,dc,pm"
     acc_window_stats: bool = False
+    acc_window_stats_norm: bool = False
     # federation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -150,6 +151,9 @@ class RunConfig:
         if self.normalization not in ("global", "per_window"):
             raise ConfigError(f"run-config key 'normalization' must be 'global' or 'per_window', "
                               f"got '{self.normalization}'")
+        if self.acc_window_stats_norm and not self.acc_window_stats:
+            raise ConfigError("run-config key 'acc-window-stats-norm' normalises the window statistics: "
+                              "it needs 'acc-window-stats = true'")
         _check_choice("eval-bn-stats", self.eval_bn_stats, ("global", "subject"))
         _check_choice("model-preset", self.model_preset, _model_presets())
         _check_choice("fusion", self.fusion, _fusions())
@@ -176,7 +180,7 @@ class RunConfig:
     def model_options(self) -> dict[str, bool]:
         """What `build_model` needs beyond preset, fusion and modalities, for every party alike."""
         return {"latent_generators": self.latent_generators, "unimodal_heads": self.unimodal_weight > 0,
-                "ts_window_stats": self.acc_window_stats}
+                "ts_window_stats": self.acc_window_stats, "ts_window_stats_norm": self.acc_window_stats_norm}
 
     def data_source(self) -> str | None:
         """Configured data path, else $FEDTIME_DATA_PATH, else None (= download / user cache)."""

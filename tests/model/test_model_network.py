@@ -107,7 +107,8 @@ def test_mixed_batch_matches_per_sample(tiny):
             assert torch.allclose(model(one)[0], full[i : i + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"unimodal_heads": True, "ts_window_stats": True}])
+@pytest.mark.parametrize("options", [{}, {"unimodal_heads": True, "ts_window_stats": True},
+                                     {"ts_window_stats": True, "ts_window_stats_norm": True}])
 def test_every_trainable_parameter_gets_gradient(tiny, options):
     for fusion in sorted(FUSIONS):
         torch.manual_seed(0)
@@ -256,3 +257,52 @@ def test_window_stats_carry_the_posture_the_pooled_tokens_may_lose(tiny):
         stats.head[0].weight[:, :pooled_dim] = 0  # silence the T5 path: only the statistics remain
         a, b = stats(x), stats(x + 1.0)
     assert not torch.allclose(a, b)
+
+
+def test_window_stats_norm_standardises_each_subject_by_its_own_statistics(tiny):
+    """With ts_window_stats_norm, a subject whose sensor sits offset and scaled (every window x -> 2x + 3) gets the
+    same statistics features as the original once each is evaluated with its own BatchNorm statistics (AdaBN,
+    as the ServerApp evaluates every subject); without the norm the offset reaches the embedding."""
+    from model.encoders import TimeSeriesEncoder
+    from model.training import adapt_batchnorm
+
+    torch.manual_seed(0)
+    normed = TimeSeriesEncoder(tiny.replace(ts_window_stats=True, ts_window_stats_norm=True), "act")
+    assert isinstance(normed.stats_norm, torch.nn.BatchNorm1d) and normed.stats_norm.num_features == 12
+    pooled_dim = 2 * tiny.t5_d_model
+    with torch.no_grad():
+        normed.head[0].weight[:, :pooled_dim] = 0  # silence the T5 path: only the statistics remain
+    x = torch.randn(32, tiny.acc_steps, 3)
+
+    def embed_own_subject(windows):
+        adapt_batchnorm(_Wrap(normed), [{"act": windows, "y": torch.zeros(len(windows))}], "cpu")
+        with torch.no_grad():
+            return normed.eval()(windows)
+
+    a, b = embed_own_subject(x), embed_own_subject(2 * x + 3)
+    assert torch.allclose(a, b, atol=1e-3)
+    with torch.no_grad():  # the same windows under one subject's statistics: the offset shows
+        assert not torch.allclose(normed(x), normed(2 * x + 3), atol=1e-2)
+
+
+def test_window_stats_norm_trains_on_a_lone_window_and_needs_the_statistics(tiny):
+    """A batch where one window has the sensor has no batch statistics: the running ones are used, not an error."""
+    from model.encoders import TimeSeriesEncoder
+
+    enc = TimeSeriesEncoder(tiny.replace(ts_window_stats=True, ts_window_stats_norm=True), "act").train()
+    out = enc(torch.randn(1, tiny.acc_steps, 3))
+    out.sum().backward()
+    assert out.shape == (1, tiny.d_emb) and enc.stats_norm.weight.grad is not None
+    with pytest.raises(ValueError, match="needs ts_window_stats"):
+        TimeSeriesEncoder(tiny.replace(ts_window_stats_norm=True), "act")
+
+
+class _Wrap(torch.nn.Module):
+    """adapt_batchnorm drives a whole model with batch dicts; this feeds the encoder its modality."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, batch):
+        return self.enc(batch["act"])

@@ -35,6 +35,7 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     ({"modality-dropout": -0.1}, "'modality-dropout' must be in [0, 1)"),
     ({"unimodal-weight": -1.0}, "'unimodal-weight' must be >= 0"),
     ({"acc-window-stats": 1}, "'acc-window-stats' must be of type bool"),
+    ({"acc-window-stats-norm": True}, "'acc-window-stats-norm' normalises the window statistics"),
     ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
@@ -53,12 +54,15 @@ def test_model_keys_reach_every_party_s_model():
     """The ServerApp, the ClientApps and the centralized trainer all build the model from `model_options`."""
     from server_app import task
 
-    cfg = RunConfig.from_run_config({"model-preset": "tiny", "unimodal-weight": 1.0, "acc-window-stats": True})
+    cfg = RunConfig.from_run_config({"model-preset": "tiny", "unimodal-weight": 1.0, "acc-window-stats": True,
+                                     "acc-window-stats-norm": True})
     model = task.model_for(cfg)
     assert set(model.unimodal_heads) == set(model.modalities)
     assert model.encoders["act"].window_stats and model.generators is None
+    assert model.encoders["act"].stats_norm is not None
     plain = task.model_for(RunConfig.from_run_config({"model-preset": "tiny"}))
     assert plain.unimodal_heads is None and not plain.encoders["act"].window_stats
+    assert plain.encoders["act"].stats_norm is None
 
 
 def test_int_accepted_for_float_and_round_trip():
