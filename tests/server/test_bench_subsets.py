@@ -64,3 +64,41 @@ def test_head_scores_are_the_lone_head_s_predictions():
     with_heads = {**fused, "dc": {"accuracy": 1.0, "weighted_f1": 1.0}}
     gain = bench.expected_score(with_heads, 0.5) - bench.expected_score(fused, 0.5)
     assert gain == pytest.approx(0.5 * (1 / 16 + 1 / 64))
+
+
+def _forest_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_forest_subsets", Path(__file__).resolve().parents[2] / "bench" / "forest_subsets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_forest_features_of_known_windows():
+    """Accelerometer windows give mean, std, min, max and five percentiles per axis; frames their mean and std
+    frame (the pressure mat's 2x2-pooled)."""
+    import numpy as np
+
+    forest = _forest_bench()
+    acc = np.stack([np.tile(np.arange(5.0)[:, None], (1, 3)), np.zeros((5, 3))])   # axis values 0..4, and zeros
+    f = forest.window_features("act", acc)
+    assert f.shape == (2, 27)
+    np.testing.assert_allclose(f[0, :12], [2] * 3 + [np.sqrt(2)] * 3 + [0] * 3 + [4] * 3)  # mean, std, min, max
+    np.testing.assert_allclose(f[0, 12:15], [0.4] * 3)                                 # 10th percentile of 0..4
+    assert not f[1].any()
+    pm = np.arange(3 * 4 * 4, dtype=float).reshape(1, 3, 4, 4)                        # 3 frames of 4x4
+    g = forest.window_features("pm", pm)
+    assert g.shape == (1, 2 * 2 * 2)
+    np.testing.assert_allclose(g[0, 0], pm[0, :, :2, :2].mean())
+    assert forest.window_features("dc", np.ones((4, 3, 2, 2))).shape == (4, 8)
+
+
+def test_per_subject_standardisation_removes_a_subject_s_offset_and_scale():
+    import numpy as np
+
+    forest = _forest_bench()
+    f = np.random.default_rng(0).normal(size=(50, 4))
+    np.testing.assert_allclose(forest.standardise(3 * f + 7), forest.standardise(f), atol=1e-5)
+    z = forest.standardise(f)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-5)
