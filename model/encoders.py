@@ -120,7 +120,6 @@ class TimeSeriesEncoder(nn.Module):
             pooled.append(stats if self.stats_norm is None else self._normalise_stats(stats))
         return self.head(torch.cat(pooled, dim=-1))
 
-
     def _normalise_stats(self, stats: torch.Tensor) -> torch.Tensor:
         bn = self.stats_norm
         if bn.training and stats.shape[0] < 2:  # one window with this sensor in the batch: no batch statistics
