@@ -64,7 +64,12 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   "fedmobile-accnorm": {"strategy": "fedmobile", "acc-window-stats": True,
                                                         "acc-window-stats-norm": True},
                                   "fedavg-accnorm": {"strategy": "fedavg", "acc-window-stats": True,
-                                                     "acc-window-stats-norm": True}}
+                                                     "acc-window-stats-norm": True},
+                                  # generators distilled towards the fused prediction too, gated on the proxy
+                                  # set's cross-entropy instead of the embeddings' R²
+                                  "fedmobile-accnorm-kd": {"strategy": "fedmobile", "acc-window-stats": True,
+                                                           "acc-window-stats-norm": True,
+                                                           "generator-objective": "prediction"}}
 
 
 def _mean_std(xs: list[float]) -> str:

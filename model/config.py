@@ -65,6 +65,11 @@ class ModelConfig:
     # statistics per subject (AdaBN), so each subject's statistics are standardised by that subject's own
     # (sensor placement and posture offsets differ between subjects; docs/model.md)
     ts_window_stats_norm: bool = False
+    # what the latent generators (FedMobile-style) are distilled towards: "embedding" = the real embedding (MSE on
+    # standardised embeddings; gate: reconstruction R² on held-out subjects); "prediction" = also the model's own
+    # prediction with the real embedding, through the frozen fusion and classifier (KL; gate: the generated node
+    # lowers the held-out cross-entropy). model/generators.py, docs/strategies.md
+    generator_objective: str = "embedding"
     # --- DART-CNN (dc, pm) -----------------------------------------------------------------------
     cnn_channels: tuple[int, ...] = (64, 128, 256, 512)
     cnn_pool_after: int = 2  # max-pool 2x2 after this many conv blocks (0 = never)

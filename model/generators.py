@@ -17,6 +17,13 @@ Three choices keep reconstruction from hurting the classifier (measured in docs/
   each aggregation (`server_app/proxy.py`): R² on a client's own training batches overrates a generator that
   has to work across subjects.
 The statistics and the quality travel with the trainable state (``federated_buffers``).
+
+What a generator is distilled towards (``ModelConfig.generator_objective``): ``"embedding"``, the real embedding
+alone; or ``"prediction"``, also the model's own prediction with the real embedding, through the frozen fusion
+and classifier (KL, `MultimodalHAR.prediction_distill_loss`). Cross-subject R² of these embeddings stays low
+(most of their variance is subject-specific, docs/strategies.md), so an embedding-only generator never opens its
+gate; what the fusion needs from a filled node is the prediction it leads to. The gate follows the objective:
+R² above 0.3, or a generated node that lowers the held-out cross-entropy (``GATES``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5
+OBJECTIVES = ("embedding", "prediction")
+#: the quality a generator must exceed to join the fusion, per objective: the proxy set's reconstruction R², or
+#: its cross-entropy (nats) with the modality left out minus with it generated (server_app/proxy.py)
+GATES = {"embedding": 0.3, "prediction": 0.0}
 
 
 class LatentGenerators(nn.Module):

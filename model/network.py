@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .config import (
     ACC_CHANNELS,
@@ -19,7 +21,7 @@ from .config import (
 )
 from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder, norm_layer
 from .fusion import MAGNET, AttentionFusion, ConcatFusion
-from .generators import LatentGenerators
+from .generators import GATES, OBJECTIVES, LatentGenerators
 
 
 class HierarchicalClassifier(nn.Sequential):
@@ -69,7 +71,8 @@ class MultimodalHAR(nn.Module):
     it is inert; concatenation fusions feed it on.
     With ``latent_generators`` (FedMobile-style), an absent modality's embedding is instead generated from
     the present ones and takes part in the fusion; ``generator_loss`` then holds the last training
-    forward's distillation loss, which the training loop adds to the objective.
+    forward's distillation loss, which the training loop adds to the objective (with
+    ``cfg.generator_objective == "prediction"`` it includes :meth:`prediction_distill_loss`).
     With ``unimodal_heads``, a linear classifier per modality reads that modality's own embedding; a training
     forward leaves their logits in ``unimodal_logits`` ``[B, M, C]`` (presence in ``unimodal_present``) for the
     training loop's auxiliary loss, so that every encoder must classify alone: what a window with one or two
@@ -99,7 +102,10 @@ class MultimodalHAR(nn.Module):
         self.classifier = HierarchicalClassifier(
             self.fusion.out_dim, cfg.cls_hidden, cfg.cls_dropout, num_classes, cfg.norm
         )
-        self.generators = LatentGenerators(len(mods), cfg.d_emb) if generated else None
+        if cfg.generator_objective not in OBJECTIVES:
+            raise ValueError(f"generator_objective must be one of {OBJECTIVES}, got {cfg.generator_objective!r}")
+        self.generators = (LatentGenerators(len(mods), cfg.d_emb, gate=GATES[cfg.generator_objective])
+                           if generated else None)
         self.generator_loss = torch.zeros(())
         self.unimodal_heads = (nn.ModuleDict({m: nn.Linear(cfg.d_emb, num_classes) for m in mods})
                                if unimodal_heads else None)
@@ -141,13 +147,58 @@ class MultimodalHAR(nn.Module):
             self.unimodal_logits = torch.stack(
                 [self.unimodal_heads[m](e[:, j]) for j, m in enumerate(self.modalities)], dim=1)
             self.unimodal_present = present
+        real = e, present
         if self.generators is not None:
             if self.training:
                 self.generator_loss = self.generators.distill_loss(e, present)
             if not bool(present.all()):
                 e, present = self.generators.fill(e, present)
         feats, aux = self.fusion(e, present)
-        return self.classifier(feats), aux
+        logits = self.classifier(feats)
+        if self.generators is not None and self.training and self.cfg.generator_objective == "prediction":
+            self.generator_loss = self.generator_loss + self.prediction_distill_loss(*real, logits.detach())
+        return logits, aux
+
+    def frozen_head(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fusion + classifier in eval mode with detached weights: gradients reach ``e`` only, and neither the
+        weights nor the BatchNorm statistics move."""
+        was = self.fusion.training, self.classifier.training
+        self.fusion.eval()
+        self.classifier.eval()
+        try:
+            def frozen(module: nn.Module) -> dict[str, torch.Tensor]:
+                return {k: v.detach() for k, v in (*module.named_parameters(), *module.named_buffers())}
+
+            feats, _ = functional_call(self.fusion, frozen(self.fusion), (e, present))
+            return functional_call(self.classifier, frozen(self.classifier), (feats,))
+        finally:
+            self.fusion.train(was[0])
+            self.classifier.train(was[1])
+
+    def prediction_distill_loss(self, e: torch.Tensor, present: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Mean over modalities j of KL(teacher ‖ student) on the windows that have j: the student is the frozen
+        head fed j's *generated* embedding (from a random subset of the other present modalities, the rest left
+        out), the teacher the model's prediction with the real one. Only the generators receive its gradient: it
+        teaches them the embedding that makes the fusion answer as it would with the sensor, which the cross-
+        subject R² of the embedding itself does not measure."""
+        gens = self.generators
+        src = e.detach()
+        inputs = present & (torch.rand(present.shape, device=present.device) >= gens.input_drop)
+        target = F.softmax(teacher.float(), dim=-1)
+        losses = []
+        for j in range(len(self.modalities)):
+            avail = gens.inputs_for(inputs, present, j)
+            rows = present[:, j] & avail.any(1)
+            if not bool(rows.any()):
+                continue
+            x, seen = src[rows], avail[rows]
+            generated = gens.generate(x, seen, j).to(x.dtype).unsqueeze(1)
+            x = torch.cat([x[:, :j], generated, x[:, j + 1:]], dim=1)
+            seen = seen.clone()
+            seen[:, j] = True
+            student = self.frozen_head(x, seen)
+            losses.append(F.kl_div(F.log_softmax(student.float(), dim=-1), target[rows], reduction="batchmean"))
+        return torch.stack(losses).mean() if losses else src.new_zeros(())
 
 
 def build_model(

@@ -52,6 +52,7 @@ class RunConfig:
     fedmobile_gain_weight: float = 1.0
     local_val_fraction: float = 0.1
     generator_weight: float = 1.0
+    generator_objective: str = "embedding"
     shapley_clusters: int = 3
     proxy_windows: int = 256
     # scenarios (seeded by `seed`): missing modalities and poisoned clients
@@ -155,6 +156,10 @@ class RunConfig:
             raise ConfigError("run-config key 'acc-window-stats-norm' normalises the window statistics: "
                               "it needs 'acc-window-stats = true'")
         _check_choice("eval-bn-stats", self.eval_bn_stats, ("global", "subject"))
+        _check_choice("generator-objective", self.generator_objective, _generator_objectives())
+        if self.generator_objective != "embedding" and not self.latent_generators:
+            raise ConfigError(f"run-config key 'generator-objective' applies to the latent generators of strategy "
+                              f"'fedmobile', not to '{self.strategy}'")
         _check_choice("model-preset", self.model_preset, _model_presets())
         _check_choice("fusion", self.fusion, _fusions())
         _check_choice("strategy", self.strategy, _strategies())
@@ -177,10 +182,11 @@ class RunConfig:
         return self.strategy == "fedmobile"
 
     @property
-    def model_options(self) -> dict[str, bool]:
+    def model_options(self) -> dict[str, bool | str]:
         """What `build_model` needs beyond preset, fusion and modalities, for every party alike."""
         return {"latent_generators": self.latent_generators, "unimodal_heads": self.unimodal_weight > 0,
-                "ts_window_stats": self.acc_window_stats, "ts_window_stats_norm": self.acc_window_stats_norm}
+                "ts_window_stats": self.acc_window_stats, "ts_window_stats_norm": self.acc_window_stats_norm,
+                "generator_objective": self.generator_objective}
 
     def data_source(self) -> str | None:
         """Configured data path, else $FEDTIME_DATA_PATH, else None (= download / user cache)."""
@@ -238,6 +244,14 @@ def _fusions():
     except ImportError:
         return None
     return FUSIONS
+
+
+def _generator_objectives():
+    try:
+        from model.generators import OBJECTIVES
+    except ImportError:
+        return None
+    return OBJECTIVES
 
 
 def _strategies():

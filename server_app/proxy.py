@@ -2,7 +2,9 @@
 
 A seeded sample of validation windows with every modality present: their real embeddings under the newly
 aggregated encoders (each subject's with its own BatchNorm statistics, as at evaluation) are the targets; a
-generator's value is the R² with which it reconstructs each modality from a random subset of the others.
+generator's value is the R² with which it reconstructs each modality from a random subset of the others, or, for
+generators distilled towards the prediction (`generator-objective = "prediction"`), how much the generated node
+lowers the fused prediction's cross-entropy against leaving the modality out.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from model import load_trainable_state
@@ -39,6 +42,13 @@ class GeneratorProxy:
         if self.model.generators is None:
             raise ValueError("GeneratorProxy needs a model with latent generators (strategy 'fedmobile')")
         self.generators = copy.deepcopy(self.model.generators).eval()
+        self.objective = self.model.cfg.generator_objective
+        # the prediction gate runs fusion + classifier on the proxy embeddings: a copy, with each subject's own
+        # BatchNorm statistics loaded, as evaluation has them
+        self.head = copy.deepcopy(torch.nn.ModuleDict({"fusion": self.model.fusion,
+                                                       "classifier": self.model.classifier})).eval()
+        self.head_states: dict[int, dict] = {}
+        self.rows: dict[int, slice] = {}
         m = len(self.model.modalities)
         g = torch.Generator().manual_seed(seed)
         self.inputs = torch.rand(n, m, generator=g) >= 0.5  # which other modalities each target sees
@@ -51,11 +61,20 @@ class GeneratorProxy:
         load_trainable_state(self.model, {k: torch.as_tensor(v) for k, v in global_state.items()})
         was = self.model.training
         self.model.eval()
-        parts = []
+        parts, labels, start = [], [], 0
         for s in each_subject(self.model, self.subject_loaders, "cpu", adapt_bn=self.adapt_bn):
-            parts += [self.model.embed(batch)[0].float().cpu() for batch in self.proxy_loaders[s]]
+            batches = list(self.proxy_loaders[s])
+            parts += [self.model.embed(batch)[0].float().cpu() for batch in batches]
+            labels += [batch["y"].long().cpu() for batch in batches]
+            n = sum(len(b["y"]) for b in batches)
+            self.rows[s], start = slice(start, start + n), start + n
+            self.head_states[s] = {f"{part}.{k}": v.detach().clone()
+                                   for part in ("fusion", "classifier")
+                                   for k, v in getattr(self.model, part).state_dict().items()}
         self.model.train(was)
         self.embeddings = torch.cat(parts)
+        self.labels = torch.cat(labels)
+        self._left_out: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def _generate(self, gen_state: dict, rows: slice = slice(None)) -> list[torch.Tensor]:
@@ -83,7 +102,36 @@ class GeneratorProxy:
         return [1.0 - float(((p - e[:, j]) ** 2).mean() / e[:, j].var(0).mean().clamp_min(1e-12))
                 for j, p in enumerate(preds)]
 
+    @torch.no_grad()
+    def _head_loss(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the fused prediction per proxy window, each subject's with its own statistics."""
+        out = torch.empty(len(e))
+        for s, rows in self.rows.items():
+            self.head.load_state_dict(self.head_states[s])
+            feats, _ = self.head["fusion"](e[rows], present[rows])
+            out[rows] = F.cross_entropy(self.head["classifier"](feats).float(), self.labels[rows], reduction="none")
+        return out
+
+    def modality_gain(self, gen_state: dict) -> list[float]:
+        """Per modality j, the mean cross-entropy (nats) of the fused prediction from the proxy windows' other
+        inputs with j left out, minus with j generated from them: > 0 when the generated node helps."""
+        e = self.embeddings
+        everything = torch.ones_like(self.inputs)
+        avail = [self.generators.inputs_for(self.inputs, everything, j) for j in range(e.shape[1])]
+        if self._left_out is None:  # does not depend on the generators: once per prepare()
+            self._left_out = [self._head_loss(e, a) for a in avail]
+        gains = []
+        for j, generated in enumerate(self._generate(gen_state)):
+            filled, seen = e.clone(), avail[j].clone()
+            filled[:, j], seen[:, j] = generated, True
+            gains.append(float((self._left_out[j] - self._head_loss(filled, seen)).mean()))
+        return gains
+
+    def quality(self, gen_state: dict) -> list[float]:
+        """What the gate of the generated nodes reads, per modality: :meth:`modality_r2`, or :meth:`modality_gain`
+        for generators distilled towards the prediction."""
+        return self.modality_gain(gen_state) if self.objective == "prediction" else self.modality_r2(gen_state)
+
     def value(self, gen_state: dict) -> float:
-        """A coalition's value: the mean over modalities of :meth:`modality_r2` (0 for the mean predictor, the
-        value of the empty coalition)."""
-        return float(np.mean(self.modality_r2(gen_state)))
+        """A coalition's value: the mean over modalities of :meth:`quality` (the empty coalition's is 0)."""
+        return float(np.mean(self.quality(gen_state)))

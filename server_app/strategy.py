@@ -452,8 +452,9 @@ class MagnetFedMobile(MagnetFedAvg):
                 gen_w = sizes
             body.update(weighted_average(gens, list(gen_w)))
             if self.generator_proxy is not None and "generators.quality" in body:
-                # the gate of the generated nodes: the aggregated generators' R² on the proxy set, per modality
-                r2 = self.generator_proxy.modality_r2({k: body[k] for k in gen_keys})
+                # the gate of the generated nodes: the aggregated generators' quality on the proxy set, per
+                # modality (R², or the cross-entropy they save for generators distilled towards the prediction)
+                r2 = self.generator_proxy.quality({k: body[k] for k in gen_keys})
                 body["generators.quality"] = np.asarray(r2, dtype=body["generators.quality"].dtype)
                 info["generator_quality"] = [round(float(q), 4) for q in r2]
         self.aggregation_info = info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from server_app.deploy import marked_pids
@@ -18,9 +19,10 @@ CASES = {
     # seed 0 draws subjects 2 and 3 (of the nodes' 2, 3, 6, 7) among the third lacking the depth camera
     "fedprox": {"proximal-mu": 0.1, "absent-modalities": "dc", "absent-fraction": 0.33,
                 "modality-aware-averaging": True},
-    # with the stronger single-sensor encoders: unimodal heads and accelerometer window statistics
+    # with the stronger single-sensor encoders (unimodal heads, accelerometer window statistics) and generators
+    # distilled towards the fused prediction
     "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "shapley-clusters": 2, "proxy-windows": 64,
-                  "unimodal-weight": 1.0, "acc-window-stats": True},
+                  "unimodal-weight": 1.0, "acc-window-stats": True, "generator-objective": "prediction"},
     "fedmedian": {"poison": "label-flip", "poison-clients": 1},
     "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "trim-beta": 0.25},
     "krum": {"poison": "scale", "poison-clients": 1, "num-malicious": 1},
@@ -53,6 +55,8 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
             assert sum(agg["weights"].values()) == pytest.approx(1.0)
             assert sum(agg["generators"]["weights"].values()) == pytest.approx(1.0)
             assert len(agg["generators"]["shapley"]) in (1, 2)
+            # the prediction gate: cross-entropy saved on the proxy set per modality, finite
+            assert len(agg["generator_quality"]) == 4 and all(np.isfinite(agg["generator_quality"]))
         # the unimodal heads were trained, aggregated and kept with the best model
         from safetensors.numpy import load_file
 

@@ -143,3 +143,72 @@ def test_a_negative_variance_buffer_does_not_generate_nan():
         out = gen.generate(e, present, 1)
         assert torch.isfinite(out).all() and torch.isfinite(gen.distill_loss(e, present))
         torch.testing.assert_close(out, gen.mean[1].expand(5, 4))  # var 0: the mean, whatever the net says
+
+
+def test_prediction_objective_distils_the_fused_prediction_into_the_generators_only(tiny):
+    """generator_objective="prediction": the KL between the frozen head fed a generated embedding and the model's
+    prediction with the real one reaches the generators and nothing else (no weight, no BatchNorm statistic)."""
+    cfg = tiny.replace(generator_objective="prediction")
+    model = build_model(cfg, "magnet", seed=0, latent_generators=True).train()
+    assert model.generators.gate == 0.0  # the prediction gate: a generated node must lower held-out cross-entropy
+    batch = make_batch(cfg, b=8)
+    e, present = model.embed(batch)
+    teacher = model.classifier(model.fusion(e, present)[0]).detach()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    kd = model.prediction_distill_loss(e.detach(), present, teacher)
+    assert kd.ndim == 0 and float(kd.detach()) > 0
+    kd.backward()
+    for name, p in model.named_parameters():
+        touched = p.grad is not None and bool(p.grad.any())
+        if name.startswith("generators.nets.") and name.endswith(("2.weight", "2.bias")):
+            assert touched, f"{name}: the output layers of the generators learn from the prediction"
+        elif not name.startswith("generators."):
+            assert not touched, f"{name} received gradient from the prediction distillation"
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, buffers[k], msg=f"{k} moved")
+    assert model.fusion.training and model.classifier.training  # the frozen pass restores the modes
+    # a training forward adds it to the generators' loss; the embedding objective does not
+    model.zero_grad()
+    torch.manual_seed(1)
+    model(batch)
+    with_kd = float(model.generator_loss)
+    plain = build_model(tiny, "magnet", seed=0, latent_generators=True).train()
+    torch.manual_seed(1)
+    plain(batch)
+    assert with_kd > float(plain.generator_loss) > 0
+
+
+def test_prediction_distillation_teaches_the_generator_what_the_fusion_needs(tiny):
+    """With the fusion and classifier fixed, training the generators on the prediction objective brings the head's
+    answer with a generated dc embedding towards its answer with the real one."""
+    torch.manual_seed(0)
+    cfg = tiny.replace(generator_objective="prediction")
+    model = build_model(cfg, "magnet", seed=0, latent_generators=True).train()
+    batches = [make_batch(cfg, b=16, seed=s) for s in range(4)]
+    with torch.no_grad():
+        data = [(*model.embed(b), None) for b in batches]
+        data = [(e, p, model.frozen_head(e, p)) for e, p, _ in data]
+    opt = torch.optim.Adam(model.generators.parameters(), lr=3e-3)
+
+    def kd_loss():
+        torch.manual_seed(123)  # the same random subsets of inputs every time
+        return torch.stack([model.prediction_distill_loss(e, p, t) for e, p, t in data]).mean()
+
+    for e, p, _ in data:  # running statistics first (a fresh generator predicts the mean)
+        for _ in range(30):
+            model.generators.distill_loss(e, p)
+    first = float(kd_loss())
+    for _ in range(150):
+        loss = kd_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = float(kd_loss())
+    assert last < 0.5 * first, (first, last)
+
+
+def test_unknown_generator_objective_is_refused(tiny):
+    import pytest
+
+    with pytest.raises(ValueError, match="generator_objective"):
+        build_model(tiny.replace(generator_objective="logits"), "magnet", latent_generators=True)

@@ -95,11 +95,11 @@ class ToyProxy:
     def outputs(self, gen):
         return np.array([float(gen["generators.nets.0.weight"][0])])
 
-    def modality_r2(self, gen):
+    def quality(self, gen):
         return [1.0 - abs(float(gen["generators.nets.0.weight"][0]) - 1.0), 0.25]
 
     def value(self, gen):
-        return float(np.mean(self.modality_r2(gen)))
+        return float(np.mean(self.quality(gen)))
 
 
 def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
@@ -126,7 +126,7 @@ def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
     assert gen["clusters"]["2"] == gen["clusters"]["3"] != gen["clusters"]["6"]
     assert gen["weights"]["6"] == 0.0
     np.testing.assert_allclose(out["generators.nets.0.weight"], [(1.0 * 100 + 1.1 * 300) / 400], rtol=1e-6)
-    # the gate of the generated nodes: the aggregated generators' R² on the proxy set
+    # the gate of the generated nodes: the aggregated generators' quality (here R²) on the proxy set
     np.testing.assert_allclose(out["generators.quality"], [1.0 - 0.075, 0.25], rtol=1e-6)
     assert info["aggregation"]["generator_quality"] == [0.925, 0.25]
 
@@ -261,3 +261,51 @@ def test_generator_proxy_embeds_each_subject_with_its_own_batchnorm_statistics(m
     # a fresh generator predicts its running mean (zeros): R² = 1 − E[e²]/Var ≤ 0, one value per modality
     r2 = proxy.modality_r2({k: state[k] for k in state if k.startswith("generators.")})
     assert len(r2) == 4 and all(v <= 1e-6 for v in r2)
+
+
+def test_generator_proxy_scores_prediction_generators_by_the_cross_entropy_they_save(mex_path):
+    """generator-objective="prediction": the proxy's quality is the fused cross-entropy with a modality left out
+    minus with it generated, through each subject's own BatchNorm statistics (as the model evaluates them)."""
+    import torch.nn.functional as F
+
+    from model import trainable_state
+    from model.training import each_subject
+    from server_app import task
+    from server_app.proxy import GeneratorProxy
+
+    cfg = RunConfig.from_run_config({"model-preset": "tiny", "strategy": "fedmobile", "data-path": str(mex_path),
+                                     "generator-objective": "prediction"})
+    model = task.model_for(cfg)
+    assert model.cfg.generator_objective == "prediction" and model.generators.gate == 0.0
+    proxy = GeneratorProxy(cfg, [5, 25], size=20, seed=0)
+    state = {k: v.numpy() for k, v in trainable_state(model).items()}
+    proxy.prepare(state)
+    # the head's loss on all four real embeddings is the model's own loss on those windows, subject by subject
+    expected = []
+    model.eval()
+    with torch.no_grad():
+        for s in each_subject(model, proxy.subject_loaders, "cpu", adapt_bn=True):
+            for batch in proxy.proxy_loaders[s]:
+                expected.append(F.cross_entropy(model(batch)[0], batch["y"].long(), reduction="none"))
+    everything = torch.ones_like(proxy.inputs)
+    torch.testing.assert_close(proxy._head_loss(proxy.embeddings, everything), torch.cat(expected))
+    gens = {k: state[k] for k in state if k.startswith("generators.")}
+    gain = proxy.quality(gens)
+    assert gain == proxy.modality_gain(gens) and len(gain) == 4 and np.isfinite(gain).all()
+    assert proxy.value(gens) == pytest.approx(float(np.mean(gain)))
+    # a "generator" that returns the real embedding saves exactly what the real sensor adds to the others
+    proxy._generate = lambda g, rows=slice(None): [proxy.embeddings[:, j] for j in range(4)]
+    avail = proxy.generators.inputs_for(proxy.inputs, everything, 1)
+    with_real = avail.clone()
+    with_real[:, 1] = True
+    assert proxy.modality_gain(gens)[1] == pytest.approx(
+        float((proxy._head_loss(proxy.embeddings, avail) - proxy._head_loss(proxy.embeddings, with_real)).mean()))
+
+
+def test_generator_objective_is_validated_and_reaches_the_model():
+    assert RunConfig.from_run_config({"strategy": "fedmobile", "generator-objective": "prediction"}
+                                     ).model_options["generator_objective"] == "prediction"
+    with pytest.raises(ConfigError, match="generator-objective"):
+        RunConfig.from_run_config({"strategy": "fedmobile", "generator-objective": "logits"})
+    with pytest.raises(ConfigError, match="generator-objective.*fedmobile"):
+        RunConfig.from_run_config({"strategy": "fedavg", "generator-objective": "prediction"})
