@@ -116,6 +116,19 @@ class LatentGenerators(nn.Module):
                 self.mean[j].lerp_(x.mean(0), self.momentum)
                 self.var[j].lerp_(x.var(0), self.momentum)
 
+    def distill_inputs(self, present: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per target modality j, ``(inputs [B, M], rows [B])`` of a distillation step: the other present
+        modalities, randomly thinned in training (thinned to nothing: the ones actually present), and the samples
+        that have j and at least one input."""
+        inputs = present
+        if self.training and self.input_drop > 0:
+            inputs = present & (torch.rand(present.shape, device=present.device) >= self.input_drop)
+        out = []
+        for j in range(self.m):
+            avail = self.inputs_for(inputs, present, j)
+            out.append((avail, present[:, j] & avail.any(1)))
+        return out
+
     def distill_loss(self, e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Mean over modalities of the MSE between generated and real standardised embeddings (about 1 − R²), on
         the samples where the modality is present and at least one other (randomly thinned) modality is too. In
@@ -124,13 +137,8 @@ class LatentGenerators(nn.Module):
         if self.training:
             self._track(e, present)
         z = self._standardise(e)
-        inputs = present
-        if self.training and self.input_drop > 0:
-            inputs = present & (torch.rand(present.shape, device=present.device) >= self.input_drop)
         losses = []
-        for j in range(self.m):
-            avail = self.inputs_for(inputs, present, j)  # thinned to nothing: the modalities actually present
-            rows = present[:, j] & avail.any(1)
+        for j, (avail, rows) in enumerate(self.distill_inputs(present)):
             if bool(rows.any()):
                 losses.append(F.mse_loss(self._predict(z[rows], avail[rows], j), z[rows, j]))
         if not losses:

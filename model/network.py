@@ -183,12 +183,9 @@ class MultimodalHAR(nn.Module):
         subject R² of the embedding itself does not measure."""
         gens = self.generators
         src = e.detach()
-        inputs = present & (torch.rand(present.shape, device=present.device) >= gens.input_drop)
         target = F.softmax(teacher.float(), dim=-1)
         xs, seens, targets, groups = [], [], [], []
-        for j in range(len(self.modalities)):
-            avail = gens.inputs_for(inputs, present, j)
-            rows = present[:, j] & avail.any(1)
+        for j, (avail, rows) in enumerate(gens.distill_inputs(present)):
             if not bool(rows.any()):
                 continue
             x, seen = src[rows], avail[rows].clone()

@@ -43,8 +43,8 @@ class GeneratorProxy:
             raise ValueError("GeneratorProxy needs a model with latent generators (strategy 'fedmobile')")
         self.generators = copy.deepcopy(self.model.generators).eval()
         self.objective = self.model.cfg.generator_objective
-        # the prediction gate runs fusion + classifier on the proxy embeddings: a copy, with each subject's own
-        # BatchNorm statistics loaded, as evaluation has them
+        # the prediction gate runs fusion + classifier on the proxy embeddings: a copy with the aggregated weights
+        # and, for each subject, that subject's own BatchNorm statistics, as evaluation has them
         self.head = copy.deepcopy(torch.nn.ModuleDict({"fusion": self.model.fusion,
                                                        "classifier": self.model.classifier})).eval()
         self.head_states: dict[int, dict] = {}
@@ -52,6 +52,8 @@ class GeneratorProxy:
         m = len(self.model.modalities)
         g = torch.Generator().manual_seed(seed)
         self.inputs = torch.rand(n, m, generator=g) >= 0.5  # which other modalities each target sees
+        everything = torch.ones_like(self.inputs)
+        self.target_inputs = [self.generators.inputs_for(self.inputs, everything, j) for j in range(m)]
         self.embeddings: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -70,8 +72,10 @@ class GeneratorProxy:
             self.rows[s], start = slice(start, start + n), start + n
             self.head_states[s] = {f"{part}.{k}": v.detach().clone()
                                    for part in ("fusion", "classifier")
-                                   for k, v in getattr(self.model, part).state_dict().items()}
+                                   for k, v in getattr(self.model, part).named_buffers()}
         self.model.train(was)
+        self.head.load_state_dict({f"{part}.{k}": v for part in ("fusion", "classifier")
+                                   for k, v in getattr(self.model, part).state_dict().items()})
         self.embeddings = torch.cat(parts)
         self.labels = torch.cat(labels)
         self._left_out: list[torch.Tensor] | None = None
@@ -83,12 +87,7 @@ class GeneratorProxy:
         sd = {k[len(GEN_PREFIX):]: torch.as_tensor(v) for k, v in gen_state.items()}
         self.generators.load_state_dict(sd, strict=True)
         e = self.embeddings[rows]
-        out = []
-        everything = torch.ones_like(self.inputs[rows])
-        for j in range(e.shape[1]):
-            avail = self.generators.inputs_for(self.inputs[rows], everything, j)
-            out.append(self.generators.generate(e, avail, j))
-        return out
+        return [self.generators.generate(e, avail[rows], j) for j, avail in enumerate(self.target_inputs)]
 
     def outputs(self, gen_state: dict) -> np.ndarray:
         """A generator's outputs on the first proxy windows, flattened (what clustering compares)."""
@@ -107,7 +106,8 @@ class GeneratorProxy:
         """Cross-entropy of the fused prediction per proxy window, each subject's with its own statistics."""
         out = torch.empty(len(e))
         for s, rows in self.rows.items():
-            self.head.load_state_dict(self.head_states[s])
+            for name, buf in self.head.named_buffers():
+                buf.copy_(self.head_states[s][name])
             feats, _ = self.head["fusion"](e[rows], present[rows])
             out[rows] = F.cross_entropy(self.head["classifier"](feats).float(), self.labels[rows], reduction="none")
         return out
@@ -116,13 +116,11 @@ class GeneratorProxy:
         """Per modality j, the mean cross-entropy (nats) of the fused prediction from the proxy windows' other
         inputs with j left out, minus with j generated from them: > 0 when the generated node helps."""
         e = self.embeddings
-        everything = torch.ones_like(self.inputs)
-        avail = [self.generators.inputs_for(self.inputs, everything, j) for j in range(e.shape[1])]
         if self._left_out is None:  # does not depend on the generators: once per prepare()
-            self._left_out = [self._head_loss(e, a) for a in avail]
+            self._left_out = [self._head_loss(e, a) for a in self.target_inputs]
         gains = []
         for j, generated in enumerate(self._generate(gen_state)):
-            filled, seen = e.clone(), avail[j].clone()
+            filled, seen = e.clone(), self.target_inputs[j].clone()
             filled[:, j], seen[:, j] = generated, True
             gains.append(float((self._left_out[j] - self._head_loss(filled, seen)).mean()))
         return gains
