@@ -62,10 +62,11 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     if val_loader is not None:
         before = evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)
         metrics["local_val_loss_before"] = float(before["loss"])
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True,
+    train_cfg = cfg.train_config()
+    loader = DataLoader(train_data, batch_size=train_cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     where = f"[subject {subject:02d} round {server_round} {task.device_name()}]"
-    history = fit(model, loader, cfg.train_config(), device=task.device(), class_weights=weights,
+    history = fit(model, loader, train_cfg, device=task.device(), class_weights=weights,
                   proximal_mu=proximal_mu, log=lambda line: log(f"{where} {line}"))
     last = history[-1]
     if val_loader is not None:

@@ -10,7 +10,10 @@ from torch.utils.data import Dataset
 
 from .cache import read_rows
 from .constants import MODALITIES, NUM_CLASSES
-from .stats import NormStats, per_window_normalize
+from .stats import STD_EPS, NormStats, per_window_normalize
+
+#: How a window's values are standardised (``WindowDataset(normalization=...)``).
+NORMALIZATIONS = ("global", "per_window", "subject")
 
 
 class WindowDataset(Dataset):
@@ -20,7 +23,9 @@ class WindowDataset(Dataset):
          "pm": float32 [Tf, 32, 16], "mask": bool [4], "y": int64 []}
 
     ``normalization="global"`` applies ``stats`` (fitted on training subjects only);
-    ``"per_window"`` is the paper's per-window z-score (``stats`` unused). ``augment_sigma > 0``
+    ``"per_window"`` is the paper's per-window z-score (``stats`` unused); ``"subject"`` z-scores each
+    subject's windows with that subject's own mean and std (``subject_stats``: per accelerometer axis, one
+    scalar per frame modality, over the windows where the modality is present; no labels; ``stats`` unused). ``augment_sigma > 0``
     adds Gaussian noise on the fly to the ``augment_modalities`` of present modalities (training
     only: leave it 0 for evaluation). ``masks`` (``bool [n, 4]``) marks absent modalities, which are
     returned as zeros. ``labels`` overrides the labels (label noise / poisoning simulators).
@@ -42,8 +47,8 @@ class WindowDataset(Dataset):
         augment_modalities: Sequence[str] = ("act", "acw"),
         in_memory: bool = True,
     ):
-        if normalization not in ("global", "per_window"):
-            raise ValueError(f"normalization must be 'global' or 'per_window', got {normalization!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if normalization == "global" and stats is None:
             raise ValueError("normalization='global' needs NormStats (fit them on the training subjects)")
         if augment_sigma < 0:
@@ -86,9 +91,21 @@ class WindowDataset(Dataset):
         if self.normalization == "global":
             self._mu = {m: stats.mean[m].astype(np.float32) for m in MODALITIES}
             self._sd = {m: stats.std[m].astype(np.float32) for m in MODALITIES}
+        elif self.normalization == "subject":
+            # row -> its subject's statistics; each subject's from its own (present) windows only
+            subj = self.index["subject"].to_numpy()
+            self._row_group = np.searchsorted(np.asarray(self.subjects_sorted), subj)
+            per = [subject_stats({m: self._x[m] for m in MODALITIES}, subj == s, self._masks)
+                   for s in self.subjects_sorted]
+            self._mu = {m: np.stack([p[0][m] for p in per]) for m in MODALITIES}
+            self._sd = {m: np.stack([p[1][m] for p in per]) for m in MODALITIES}
 
     def __len__(self) -> int:
         return len(self._y)
+
+    @property
+    def subjects_sorted(self) -> list[int]:
+        return sorted(set(self.subjects))
 
     @property
     def labels(self) -> np.ndarray:
@@ -123,6 +140,9 @@ class WindowDataset(Dataset):
                 continue
             if self.normalization == "global":
                 x = (np.asarray(raw, dtype=np.float32) - self._mu[m]) / self._sd[m]
+            elif self.normalization == "subject":
+                g = self._row_group[i]
+                x = (np.asarray(raw, dtype=np.float32) - self._mu[m][g]) / self._sd[m][g]
             else:
                 x = per_window_normalize(raw)
             if self.augment_sigma > 0 and m in self.augment_modalities:
@@ -146,3 +166,30 @@ class _Concat:
     def __getitem__(self, i: int) -> np.ndarray:
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         return self.parts[k][i - self.offsets[k]]
+
+
+def subject_stats(arrays: dict[str, np.ndarray], rows: np.ndarray, masks: np.ndarray,
+                  eps: float = STD_EPS) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One subject's own z-score statistics (float32 mean, std per modality) over its windows ``rows`` (bool)
+    where the modality is present: per axis for the accelerometers, one scalar for a frame modality (as
+    ``NormStats``' default). A modality the subject never has gets mean 0, std 1 (its windows are zeros anyway).
+
+    Why: sensor placement, body size and the mat's calibration differ between people; with each subject
+    standardised by its own statistics (no labels needed) the classifier reads each posture relative to that
+    person's own range — a random forest on window statistics goes from 0.886 to 0.953 test weighted F1 with it
+    (bench/forest_subsets.py)."""
+    mean, std = {}, {}
+    for j, m in enumerate(MODALITIES):
+        a = arrays[m]
+        sel = np.flatnonzero(rows & masks[:, j])
+        channels = a.shape[-1] if m in ("act", "acw") else 1
+        if len(sel) == 0:
+            mu, sd = np.zeros(channels), np.ones(channels)
+        else:
+            x = np.asarray(a[sel] if isinstance(a, np.ndarray) else np.stack([a[k] for k in sel]),
+                           dtype=np.float64).reshape(-1, channels)
+            mu, sd = x.mean(axis=0), np.maximum(x.std(axis=0), eps)
+        shape = (channels,) if m in ("act", "acw") else ()
+        mean[m] = mu.reshape(shape).astype(np.float32)
+        std[m] = sd.reshape(shape).astype(np.float32)
+    return mean, std

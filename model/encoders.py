@@ -54,6 +54,8 @@ def build_frozen_t5(cfg: ModelConfig, seed: int) -> nn.Module:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
+    if t5cfg.dense_act_fn == "gelu_new":  # the same tanh-approximated GELU (|diff| < 1e-6) in one fused kernel
+        t5cfg.dense_act_fn = "gelu_pytorch_tanh"  # instead of six elementwise ops (docs/performance.md)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel(t5cfg)

@@ -39,15 +39,15 @@ from .training import class_weights_from_labels, evaluate_per_subject, fit, json
 SHORTCUTS = {"--preset": "model-preset", "--fusion": "fusion", "--modalities": "modalities", "--seed": "seed",
              "--split-seed": "split-seed", "--data-path": "data-path", "--output-dir": "output-dir",
              "--run-name": "run-name", "--lr": "lr", "--weight-decay": "weight-decay", "--batch-size": "batch-size",
-             "--grad-accum": "grad-accum", "--patience": "patience", "--augment-sigma": "augment-sigma",
+             "--grad-accum": "grad-accum", "--micro-batch": "micro-batch", "--patience": "patience", "--augment-sigma": "augment-sigma",
              "--normalization": "normalization", "--threads": "num-threads", "--bn-stats": "eval-bn-stats"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--run-config", default="",
-                    help="run-config keys as for `flwr run --run-config`, e.g. \"lr=1e-3 model-preset='tiny'\"; "
-                         "defaults are pyproject.toml's")
+    ap.add_argument("--run-config", action="append", default=[],
+                    help="run-config keys as for `flwr run --run-config`: a TOML file (conf/paper.toml) or "
+                         "\"lr=1e-3 model-preset='tiny'\"; may repeat, later ones win; defaults are pyproject.toml's")
     for flag, key in SHORTCUTS.items():
         ap.add_argument(flag, dest=key.replace("-", "_"), default=None, help=f"= run-config key '{key}'")
     ap.add_argument("--epochs", type=int, default=25)
@@ -56,8 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--swa-start", type=int, default=0,
                     help="> 0: train every epoch and keep the average of the weights from this epoch on (SWA)")
-    ap.add_argument("--modality-dropout", type=float, default=0.0,
-                    help="training-only: drop each present modality of a sample with this probability")
+
     ap.add_argument("--subject-batches", choices=["auto", "on", "off"], default="auto",
                     help="every training batch from one subject, as on a federated client (BatchNorm then learns "
                          "per-subject normalisation); auto = on when eval-bn-stats is 'subject'")
@@ -77,7 +76,16 @@ def run_config(args: argparse.Namespace):
     from server_app.config import RunConfig
 
     values: dict = {}
-    for item in shlex.split(args.run_config, posix=False):  # keep quotes: values are TOML, as for flwr run
+    items: list[str] = []
+    for text in args.run_config:
+        path = Path(text)
+        if text.endswith(".toml"):
+            if not path.is_file():
+                raise SystemExit(f"--run-config: no such file: {text}")
+            values.update(tomllib.loads(path.read_text()))
+        else:
+            items += shlex.split(text, posix=False)  # keep quotes: values are TOML, as for flwr run
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"--run-config: expected key=value, got '{item}'")
@@ -166,17 +174,17 @@ def main(argv=None) -> dict:
           f"{pc['trainable']:,} trainable; trainable state {ts_bytes:,} bytes; device {device}", flush=True)
     cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
     tc = dataclasses.replace(rc.train_config(args.epochs), monitor=args.monitor, label_smoothing=args.label_smoothing,
-                             modality_dropout=args.modality_dropout, max_batches_per_epoch=args.max_batches,
+                             max_batches_per_epoch=args.max_batches,
                              swa_start=args.swa_start,
                              seed=rc.seed)
     if subject_batches:
         from torch.utils.data import DataLoader
 
-        sampler = SubjectBatchSampler(train_ds.index["subject"].to_numpy(), rc.batch_size, rc.seed)
+        sampler = SubjectBatchSampler(train_ds.index["subject"].to_numpy(), tc.batch_size, rc.seed)
         train_loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=args.workers,
                                   persistent_workers=args.workers > 0)
     else:
-        train_loader = _loader(train_ds, rc.batch_size, True, rc.seed, args.workers)
+        train_loader = _loader(train_ds, tc.batch_size, True, rc.seed, args.workers)
 
     def per_subject(subjects) -> dict:
         return {s: _loader(WindowDataset(cache, [s], stats, normalization=rc.normalization), rc.eval_batch_size, False, 0, 0)

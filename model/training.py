@@ -21,8 +21,8 @@ from .state import load_trainable_state, trainable_state
 class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
-    batch_size: int = 8  # for whoever builds the loader; fit uses the loader's batches as given
-    grad_accum: int = 6  # optimizer step every N batches; a leftover partial group is stepped
+    batch_size: int = 8  # windows per forward pass, for whoever builds the loader; fit uses its batches as given
+    grad_accum: int = 6  # optimizer step every N forward passes; a leftover partial group is stepped
     epochs: int = 10
     patience: int = 6  # early stopping on validation (epochs without strict improvement)
     clip: float = 1.0  # max grad norm (0 = off)

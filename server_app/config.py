@@ -27,9 +27,11 @@ class RunConfig:
     clients_per_round: int = 9
     batch_size: int = 8
     grad_accum: int = 6
-    lr: float = 1e-4
+    micro_batch: int = 0  # windows per forward pass; 0 = the whole optimizer batch (batch-size x grad-accum)
+    lr: float = 0.0  # 0 = the model preset's own (compact 1e-3, paper 1e-4)
     weight_decay: float = 1e-4
     patience: int = 6
+    average_last_rounds: int = 0  # > 0: the final model is the mean of the last N rounds' global models
     # model
     model_preset: str = "compact"
     fusion: str = "magnet"
@@ -109,7 +111,9 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "round_timeout"):
+        if self.lr < 0:
+            raise ConfigError(f"run-config key 'lr' must be > 0 (or 0: the model preset's own), got {self.lr}")
+        for name in ("round_timeout",):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be > 0, got {getattr(self, name)}")
         if not 0 <= self.trim_beta < 0.5:
@@ -140,6 +144,11 @@ class RunConfig:
         _check_choice("amp", self.amp, ("off", "auto", "bf16", "fp16"))
         if self.poison != "none" and self.poison_clients < 1:
             raise ConfigError(f"run-config key 'poison' is '{self.poison}' but 'poison-clients' is 0")
+        if self.micro_batch < 0 or (self.micro_batch and self.optimizer_batch % self.micro_batch):
+            raise ConfigError(f"run-config key 'micro-batch' must be 0 or divide batch-size x grad-accum = "
+                              f"{self.optimizer_batch}, got {self.micro_batch}")
+        if self.average_last_rounds < 0:
+            raise ConfigError(f"run-config key 'average-last-rounds' must be >= 0, got {self.average_last_rounds}")
         if self.patience < 0:
             raise ConfigError(f"run-config key 'patience' must be >= 0, got {self.patience}")
         if self.min_train_replies > self.clients_per_round:
@@ -149,9 +158,7 @@ class RunConfig:
         if unknown or not mods or len(set(mods)) != len(mods):
             raise ConfigError(f"run-config key 'modalities' must be a comma-separated subset of "
                               f"{','.join(MODALITIES)} without repeats, got '{self.modalities}'")
-        if self.normalization not in ("global", "per_window"):
-            raise ConfigError(f"run-config key 'normalization' must be 'global' or 'per_window', "
-                              f"got '{self.normalization}'")
+        _check_choice("normalization", self.normalization, ("global", "per_window", "subject"))
         if self.acc_window_stats_norm and not self.acc_window_stats:
             raise ConfigError("run-config key 'acc-window-stats-norm' normalises the window statistics: "
                               "it needs 'acc-window-stats = true'")
@@ -168,6 +175,25 @@ class RunConfig:
                               f"not to '{self.strategy}'")
 
     # ---------------------------------------------------------------- derived
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or with `lr = 0` the model preset's own (imports the model package)."""
+        if self.lr:
+            return self.lr
+        from model import PRESETS
+
+        return PRESETS[self.model_preset].lr
+
+    @property
+    def optimizer_batch(self) -> int:
+        """Windows per optimizer step: the paper's batch 8 x 6-step accumulation = 48."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def forward_batch(self) -> int:
+        """Windows per forward pass (`micro-batch`, 0 = the whole optimizer batch)."""
+        return self.micro_batch or self.optimizer_batch
+
     @property
     def modality_list(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
@@ -193,11 +219,14 @@ class RunConfig:
         return self.data_path or os.environ.get("FEDTIME_DATA_PATH") or None
 
     def train_config(self, epochs: int | None = None):
-        """The model's TrainConfig with this run's values: one loop for centralized and federated."""
+        """The model's TrainConfig with this run's values: one loop for centralized and federated. Its
+        `batch_size` is the forward pass's (build the training loader with it) and `grad_accum` the forward passes
+        per optimizer step, so every micro-batch setting takes the same optimizer steps of `optimizer_batch`
+        windows."""
         from model import TrainConfig
 
-        return TrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           grad_accum=self.grad_accum, epochs=epochs or self.local_epochs,
+        return TrainConfig(lr=self.learning_rate, weight_decay=self.weight_decay, batch_size=self.forward_batch,
+                           grad_accum=self.optimizer_batch // self.forward_batch, epochs=epochs or self.local_epochs,
                            patience=self.patience, generator_weight=self.generator_weight, amp=self.amp,
                            modality_dropout=self.modality_dropout, unimodal_weight=self.unimodal_weight)
 

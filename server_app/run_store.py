@@ -4,6 +4,7 @@ Layout of `<output-dir>/<run>/`:
     results.json                 config, per-round history, best round, final test metrics
     best_model.safetensors       the best round's global trainable state
     checkpoint/global.safetensors, checkpoint/best.safetensors, checkpoint/state.json
+    checkpoint/rounds/global-NNN.safetensors   the last `keep_rounds` rounds' global states (average-last-rounds)
     plots/*.png
 Every file is written atomically (temp file + rename), so a killed run leaves the last completed round intact.
 """
@@ -74,10 +75,11 @@ def _json_default(o: Any):
 class RunStore:
     """Owns one run directory; `resume=True` requires a checkpoint there and continues it."""
 
-    def __init__(self, path: Path, config: dict[str, Any], *, resume: bool = False) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], *, resume: bool = False, keep_rounds: int = 0) -> None:
         self.path = Path(path)
         self.ckpt = self.path / "checkpoint"
         self.resume = resume
+        self.keep_rounds = keep_rounds
         if resume:
             if not (self.ckpt / "state.json").exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt / 'state.json'}")
@@ -99,7 +101,7 @@ class RunStore:
     @staticmethod
     def _check_compatible(old: dict, new: dict) -> None:
         keys = ("model-preset", "fusion", "modalities", "strategy", "split-seed", "seed", "clients-per-round",
-                "local-epochs", "lr", "batch-size", "grad-accum", "missing-rate", "missing-at-eval",
+                "local-epochs", "lr", "batch-size", "grad-accum", "micro-batch", "missing-rate", "missing-at-eval",
                 "absent-modalities", "absent-fraction", "poison", "poison-clients", "poison-scale")
         diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
         if diff:
@@ -118,6 +120,10 @@ class RunStore:
     def save_round(self, info: dict[str, Any], *, global_arrays: ArrayRecord, best_arrays: ArrayRecord,
                    sampler: list, early_stopping: dict[str, Any]) -> None:
         save_arrays(self.ckpt / "global.safetensors", global_arrays)
+        if self.keep_rounds:
+            save_arrays(self.round_path(info["round"]), global_arrays)
+            for old in self.stored_rounds()[:-self.keep_rounds]:
+                self.round_path(old).unlink()
         if early_stopping["best_round"] == info["round"] or not (self.ckpt / "best.safetensors").exists():
             save_arrays(self.ckpt / "best.safetensors", best_arrays)
         self.results["rounds"].append(info)
@@ -127,6 +133,25 @@ class RunStore:
         # state.json last: it is the commit point of a round
         write_json(self.ckpt / "state.json", {"round": info["round"], "sampler": sampler,
                                               "early_stopping": early_stopping})
+
+    def round_path(self, server_round: int) -> Path:
+        return self.ckpt / "rounds" / f"global-{server_round:03d}.safetensors"
+
+    def stored_rounds(self, up_to: int | None = None) -> list[int]:
+        """Rounds whose global state is kept (ascending), those after `up_to` excluded (an uncommitted round)."""
+        found = sorted(int(p.stem.split("-")[1]) for p in (self.ckpt / "rounds").glob("global-*.safetensors"))
+        return [r for r in found if up_to is None or r <= up_to]
+
+    def last_rounds_average(self, k: int) -> tuple[list[int], dict[str, np.ndarray]]:
+        """(rounds, their sample-free uniform mean) of the last `k` committed rounds' global states."""
+        state = json.loads((self.ckpt / "state.json").read_text())
+        rounds = self.stored_rounds(up_to=state["round"])[-k:]
+        if not rounds:
+            raise FileNotFoundError(f"no stored round in {self.ckpt / 'rounds'}")
+        states = [arrays_to_numpy(load_arrays(self.round_path(r))) for r in rounds]
+        mean = {key: (sum(st[key].astype(np.float64) for st in states) / len(states)).astype(states[0][key].dtype)
+                for key in states[0]}
+        return rounds, mean
 
     # --------------------------------------------------------------- final
     def finish(self, *, status: str, test: dict[str, Any] | None, best_arrays: ArrayRecord | None,

@@ -18,7 +18,7 @@ from server_app import task
 from server_app.config import RunConfig
 from server_app.plots import write_plots
 from server_app.proxy import GeneratorProxy
-from server_app.run_store import RunStore
+from server_app.run_store import RunStore, numpy_to_arrays
 from server_app.strategy import build_strategy
 
 app = ServerApp()
@@ -54,7 +54,8 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     cache, split, _ = task.open_data(cfg)  # builds the window cache once, before any client needs it
     path = Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / run_name(cfg)
-    store = RunStore(path.expanduser().resolve(), cfg.to_run_config(), resume=bool(cfg.resume))
+    store = RunStore(path.expanduser().resolve(), cfg.to_run_config(), resume=bool(cfg.resume),
+                     keep_rounds=cfg.average_last_rounds)
     log(INFO, "run directory: %s", store.path)
 
     model = task.model_for(cfg)
@@ -78,7 +79,16 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
 
-    best = result.arrays
+    best, final = result.arrays, {"model": "best_round", "round": store.results["best_round"]}
+    if cfg.average_last_rounds:
+        # one noisy validation round (three subjects) does not choose the model: the mean of the last rounds does
+        rounds, mean = store.last_rounds_average(cfg.average_last_rounds)
+        best = numpy_to_arrays(mean)
+        val = validate(best)
+        final = {"model": "average_last_rounds", "rounds": rounds,
+                 **{f"val_{k}": float(val[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}}
+        log(INFO, "final model: mean of rounds %s | val wF1 %.4f mF1 %.4f", rounds, val["weighted_f1"],
+            val["macro_f1"])
     test_eval = Evaluator(cfg, split.test)
     test = test_eval(best)
     both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
@@ -90,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
         **summary, "bn_stats": cfg.eval_bn_stats, "subjects": list(split.test), "num_examples": len(test["labels"]),
         "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
         "by_bn_stats": {mode: {k: m[k] for k in keys} for mode, m in both.items()},
-    }, extra={"model": {"trainable_bytes": initial.count_bytes(),
+    }, extra={"final_model": final, "model": {"trainable_bytes": initial.count_bytes(),
                         "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))},
               "scenario": task.scenario(cfg).describe()},
         header=checkpoint_header(model, {"best_round": store.results["best_round"], "run_config": cfg.to_run_config()},

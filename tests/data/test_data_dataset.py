@@ -111,3 +111,38 @@ def test_load_subject_dataset(synthetic_zip, synthetic_cache, stats):
     )
     assert ds.subjects == (2,) and len(ds) == 56 and (ds.index.subject == 2).all()
     assert isinstance(ds._x["pm"], np.ndarray) and not isinstance(ds._x["pm"], np.memmap)  # own copy
+
+
+def test_subject_normalisation_uses_each_subjects_own_statistics(synthetic_cache, stats):
+    """Hand-built check: each subject's rows are z-scored by that subject's own mean and std (per accelerometer
+    axis, one scalar per frame modality), whatever other subjects share the dataset."""
+    both = WindowDataset(synthetic_cache, [3, 1], stats, normalization="subject")
+    alone = WindowDataset(synthetic_cache, [3], None, normalization="subject")
+    rows = synthetic_cache.subject_rows(3)
+    raw = {m: np.asarray(synthetic_cache.arrays[m][rows], dtype=np.float64) for m in ("act", "pm")}
+    mu_act, sd_act = raw["act"].reshape(-1, 3).mean(0), raw["act"].reshape(-1, 3).std(0)
+    mu_pm, sd_pm = raw["pm"].mean(), raw["pm"].std()
+    i3 = int(np.flatnonzero(both.index["subject"].to_numpy() == 3)[4])
+    for ds, i in ((alone, 4), (both, i3)):
+        assert np.allclose(ds[i]["act"].numpy(), (raw["act"][4] - mu_act) / sd_act, atol=1e-4)
+        assert np.allclose(ds[i]["pm"].numpy(), (raw["pm"][4] - mu_pm) / sd_pm, atol=1e-4)
+    # over a subject's own windows every accelerometer axis has mean 0 and std 1
+    act = np.stack([alone[k]["act"].numpy() for k in range(len(alone))]).reshape(-1, 3)
+    assert np.allclose(act.mean(0), 0, atol=1e-3) and np.allclose(act.std(0), 1, atol=1e-3)
+
+
+def test_subject_normalisation_ignores_absent_windows(synthetic_cache):
+    """Statistics come only from windows that have the modality: an absent window's data is not the client's."""
+    n = len(WindowDataset(synthetic_cache, [3], None, normalization="per_window"))
+    masks = np.ones((n, 4), dtype=bool)
+    masks[: n // 2, 0] = False
+    ds = WindowDataset(synthetic_cache, [3], None, normalization="subject", masks=masks)
+    raw = np.asarray(synthetic_cache.arrays["act"][synthetic_cache.subject_rows(3)], dtype=np.float64)[n // 2:]
+    flat = raw.reshape(-1, 3)
+    assert np.allclose(ds[n - 1]["act"].numpy(), (raw[-1] - flat.mean(0)) / flat.std(0), atol=1e-4)
+    assert not ds[0]["act"].any()  # absent: zeros
+
+
+def test_unknown_normalisation_is_refused(synthetic_cache):
+    with pytest.raises(ValueError, match="normalization"):
+        WindowDataset(synthetic_cache, [3], None, normalization="per_subject")

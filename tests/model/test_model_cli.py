@@ -4,6 +4,7 @@ evaluations, and subject-homogeneous batches."""
 import json
 
 import numpy as np
+import pytest
 
 from model.train import SubjectBatchSampler, main
 
@@ -46,3 +47,19 @@ def test_centralized_cli_shares_the_run_config_checks():
         run_config(parse_args(["--lr", "fast"]))
     with pytest.raises(ConfigError, match="unknown run-config key 'nokey'"):
         run_config(parse_args(["--run-config", "nokey=1"]))
+
+
+def test_cli_reads_run_config_files_and_keys_without_overriding_them():
+    """`--run-config conf/paper.toml` then inline keys (later wins); no flag default overwrites a run-config key
+    (modality-dropout reached training as 0 before)."""
+    from pathlib import Path
+
+    from model.train import parse_args, run_config
+
+    paper = str(Path(__file__).resolve().parents[2] / "conf" / "paper.toml")
+    rc = run_config(parse_args(["--run-config", paper, "--run-config", "model-preset='tiny' modality-dropout=0.5"]))
+    assert (rc.model_preset, rc.lr, rc.micro_batch, rc.normalization) == ("tiny", 1e-4, 8, "per_window")
+    assert rc.train_config().modality_dropout == 0.5
+    assert run_config(parse_args([])).train_config().lr == 1e-3  # the compact preset's own
+    with pytest.raises(SystemExit, match="no such file"):
+        run_config(parse_args(["--run-config", "conf/missing.toml"]))

@@ -205,3 +205,28 @@ def test_unimodal_heads_teach_each_encoder_to_classify_alone(tiny):
     off = fit(build_model(tiny, "magnet", ("act",), num_classes=3, seed=0, unimodal_heads=True), data[:2],
               TrainConfig(epochs=1), device="cpu", log=None)
     assert "train_unimodal" not in off[0]  # weight 0: heads built but no loss
+
+
+def test_micro_batch_takes_the_same_optimizer_step_as_accumulation(tiny, monkeypatch):
+    """48 windows in one forward pass = 6 accumulated passes of 8, on a model without batch statistics, dropout
+    or gate noise (and without the per-batch MoE balance term and class weights, which are not additive).
+    Plain SGD in place of AdamW, so that the step is the gradient itself: the gradients are compared."""
+    import model.training as training
+
+    monkeypatch.setattr(training, "_adamw", lambda params, c: torch.optim.SGD(params, lr=c.lr))
+    cfg = tiny.replace(norm="layer", gate_noise=0.0)
+    batches = separable_batches(tiny, 6)  # 6 batches of 8
+    big = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    after = []
+    for data, accum in ((batches, 6), ([big], 1)):
+        model = build_model(cfg, "magnet", seed=0)
+        model.eval()  # no dropout; fit calls train(), which only matters for dropout and batch statistics here
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        hist = fit(model, data, TrainConfig(lr=1.0, epochs=1, grad_accum=accum, aux_weight=0.0, clip=0.0),
+                   device="cpu", log=None)
+        assert hist[0]["optimizer_steps"] == 1
+        after.append({n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    assert after[0].keys() == after[1].keys()
+    assert sum(int(g.abs().sum() > 0) for g in after[0].values()) > len(after[0]) // 2  # a real step
+    for n in after[0]:
+        assert torch.allclose(after[0][n], after[1][n], atol=1e-6, rtol=1e-4), n

@@ -18,7 +18,16 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     assert cfg == RunConfig()
     assert set(pyproject_run_config()) == set(RunConfig().to_run_config())
     assert (cfg.num_server_rounds, cfg.local_epochs, cfg.clients_per_round, cfg.batch_size, cfg.grad_accum,
-            cfg.lr, cfg.weight_decay, cfg.split_seed) == (10, 5, 9, 8, 6, 1e-4, 1e-4, 42)
+            cfg.lr, cfg.weight_decay, cfg.split_seed) == (10, 5, 9, 8, 6, 0.0, 1e-4, 42)
+
+
+def test_lr_zero_is_the_presets_own():
+    """The compact preset trains from scratch at 1e-3; the paper preset keeps the paper's 1e-4; a set lr wins."""
+    assert RunConfig().train_config().lr == 1e-3
+    assert RunConfig(model_preset="paper").train_config().lr == 1e-4
+    assert RunConfig(lr=5e-4).train_config().lr == 5e-4
+    with pytest.raises(ConfigError, match="'lr'"):
+        RunConfig.from_run_config({"lr": -1e-3})
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -69,3 +78,37 @@ def test_int_accepted_for_float_and_round_trip():
     cfg = RunConfig.from_run_config({"lr": 1, "modalities": "act,pm"})
     assert cfg.lr == 1.0 and cfg.modality_list == ("act", "pm")
     assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_micro_batch_keeps_the_optimizer_batch():
+    """micro-batch only splits the optimizer batch (batch-size x grad-accum) into forward passes."""
+    assert RunConfig().optimizer_batch == 48
+    default = RunConfig().train_config()
+    assert (default.batch_size, default.grad_accum) == (48, 1)  # one pass per optimizer step
+    paper = RunConfig.from_run_config({"micro-batch": 8}).train_config()
+    assert (paper.batch_size, paper.grad_accum) == (8, 6)
+    assert RunConfig.from_run_config({"micro-batch": 16}).train_config().grad_accum == 3
+    with pytest.raises(ConfigError, match="micro-batch"):
+        RunConfig.from_run_config({"micro-batch": 20})
+    with pytest.raises(ConfigError, match="micro-batch"):
+        RunConfig.from_run_config({"micro-batch": -1})
+
+
+def test_subject_normalization_is_a_choice():
+    assert RunConfig.from_run_config({"normalization": "subject"}).normalization == "subject"
+    with pytest.raises(ConfigError, match="normalization"):
+        RunConfig.from_run_config({"normalization": "per-subject"})
+
+
+def test_paper_conf_holds_the_papers_literal_settings():
+    """conf/paper.toml, key by key: the paper's model, optimizer, batching, schedule and preprocessing."""
+    conf = tomllib.loads((ROOT / "conf" / "paper.toml").read_text())
+    expected = {"model-preset": "paper", "lr": 1e-4, "weight-decay": 1e-4, "batch-size": 8, "grad-accum": 6,
+                "micro-batch": 8, "num-server-rounds": 10, "local-epochs": 5, "clients-per-round": 9, "patience": 6,
+                "average-last-rounds": 0, "normalization": "per_window", "augment-sigma": 0.01,
+                "eval-bn-stats": "global", "acc-window-stats": False, "acc-window-stats-norm": False,
+                "modality-dropout": 0.0, "unimodal-weight": 0.0, "split-seed": 42}
+    assert conf == expected
+    cfg = RunConfig.from_run_config({**pyproject_run_config(), **conf})
+    train = cfg.train_config()
+    assert (train.lr, train.batch_size, train.grad_accum) == (1e-4, 8, 6)

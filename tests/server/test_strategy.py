@@ -313,3 +313,23 @@ def test_modality_aware_averaging_names_a_client_without_presence_counts():
                                               "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10})})
     with pytest.raises(FederationError, match="sent no 'present-dc' count"):
         strat.train_round(grid, 1, init, _empty_config(), timeout=5)
+
+
+def test_store_keeps_the_last_rounds_and_averages_them(tmp_path):
+    """average-last-rounds: each round's global model is kept (the last N only), and the final model is their
+    plain mean; a round written after the last commit (state.json) is not part of it."""
+    store = RunStore(tmp_path / "run", {"lr": 1e-3}, keep_rounds=3)
+    es = {"patience": 0, "best": 0.5, "best_round": 1, "bad_rounds": 0}
+    for rnd in range(1, 6):
+        arrays = numpy_to_arrays({"w": np.full((2, 2), float(rnd), np.float32)})
+        store.save_round({"round": rnd}, global_arrays=arrays, best_arrays=arrays, sampler=[3, [0], None],
+                         early_stopping=es)
+    assert store.stored_rounds() == [3, 4, 5]
+    rounds, mean = store.last_rounds_average(3)
+    assert rounds == [3, 4, 5] and mean["w"].dtype == np.float32
+    np.testing.assert_allclose(mean["w"], np.full((2, 2), 4.0))
+    assert store.last_rounds_average(2)[0] == [4, 5]
+    # a round 6 file without its commit (killed between the two writes) is ignored
+    from server_app.run_store import save_arrays
+    save_arrays(store.round_path(6), {"w": np.full((2, 2), 60.0, np.float32)})
+    np.testing.assert_allclose(store.last_rounds_average(3)[1]["w"], np.full((2, 2), 4.0))

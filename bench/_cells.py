@@ -1,0 +1,91 @@
+"""Benchmark cells: one federated simulation or one centralized run each, stored under a name, read back when
+finished and resumed from their checkpoint when an earlier invocation was interrupted. Shared by the benches
+that tabulate whole runs (headline.py, throughput.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+from _procmem import PeakMemory
+
+from server_app.simulation import run_simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The results.json of a finished run (it holds test metrics), else None."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    return res if res.get("test") else None
+
+
+def federated_cell(out: Path, name: str, run_config: dict, *, timeout: float, report_only: bool = False,
+                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> dict | None:
+    """A `flwr run` Ray simulation (21 SuperNodes) with `run_config`, stored as `out/name`; returns its
+    results.json with `peak_rss_mib` of all its processes (None when `report_only` and not finished)."""
+    run_dir = out / name
+    res = finished(run_dir)
+    if res is not None or report_only:
+        return res
+    rc = {**run_config, "output-dir": str(out), "run-name": name}
+    state = run_dir / "checkpoint" / "state.json"
+    if state.exists():  # an earlier attempt stopped (timeout, Ctrl-C): continue it from its last round
+        rc["resume"] = str(run_dir)
+        print(f"    resuming {name} after round {json.loads(state.read_text())['round']}", flush=True)
+    marker = f"bench-{uuid.uuid4().hex[:8]}"
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: flwr run (21 SuperNodes) {run_config}", flush=True)
+    with PeakMemory(marker) as mem:
+        run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}", marker=marker, timeout=timeout,
+                             cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client)
+    print(f"    {run.status} in {run.wall_s:.0f} s, peak memory {mem.peak_rss_mib:.0f} MiB", flush=True)
+    if not run.ok:
+        raise RuntimeError(f"cell {name} failed ({run.status}); log: {run.log_path}\n{run.log()[-3000:]}")
+    res = finished(run_dir)
+    if res is None:
+        raise RuntimeError(f"cell {name} finished without test metrics: {run_dir / 'results.json'}")
+    res["peak_rss_mib"] = round(mem.peak_rss_mib)
+    res["sim_wall_s"] = round(run.wall_s, 1)
+    (run_dir / "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def centralized_cell(out: Path, name: str, run_config: dict, *, args: tuple[str, ...] = (),
+                     report_only: bool = False) -> dict | None:
+    """`python -m model.train` with `run_config` (as --run-config) and extra CLI `args`, stored as `out/name`."""
+    res = finished(out / name)
+    if res is not None or report_only:
+        return res
+    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    cmd = [sys.executable, "-m", "model.train", "--output-dir", str(out), "--run-name", name,
+           "--run-config", rc, *args]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cell {name} failed (exit {proc.returncode}); log: {out / f'{name}.log'}")
+    res = finished(out / name)
+    res["wall_s"] = round(time.time() - t0, 1)
+    (out / name / "results.json").write_text(json.dumps(res, indent=2, default=float))
+    print(f"    done in {res['wall_s']:.0f} s", flush=True)
+    return res
+
+
+def run_config_arg(text: str) -> dict:
+    """`--run-config`: a TOML file (as for `flwr run --run-config conf/x.toml`) or inline `key=value ...`."""
+    if not text:
+        return {}
+    path = Path(text)
+    if path.suffix == ".toml" and path.exists():
+        return tomllib.loads(path.read_text())
+    return tomllib.loads("\n".join(text.split()))
