@@ -9,7 +9,8 @@ the default (the whole 48-window optimizer batch in one pass), side by side in o
 2. The wall time of a 3-round federated run of each (real `flwr run` Ray simulation, 21 SuperNodes, 2 clients
    at a time on 2 cores).
 3. With `--f1`: the full protocol (10 rounds x 5 epochs) of each over split seeds 42, 1, 2 (cells stored in
-   `--workdir`, read back when finished; `--f1-run-config` adds keys to both), and the difference of their mean
+   `--f1-workdir`, by default bench/headline.py's, whose default cells are these; read back when finished;
+   `--f1-run-config` adds keys to both), and the difference of their mean
    test weighted F1 (the same optimizer steps: only BatchNorm statistics, the MoE balance term and the
    class-weight normalisation see 48 windows instead of 8).
 
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--splits", default="42,1,2")
     p.add_argument("--f1-run-config", default="", help="keys both F1 variants add (TOML file or inline)")
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-throughput"))
+    p.add_argument("--f1-workdir", type=Path, default=Path("outputs/bench-headline"),
+                   help="where the full-protocol cells live (bench/headline.py's, so its default cells are reused)")
     p.add_argument("--data-path", default="")
     a = p.parse_args()
     extra = {"data-path": str(Path(a.data_path).resolve())} if a.data_path else {}
@@ -86,11 +89,13 @@ def main() -> int:
         fed[name] = {"wall_s": res["sim_wall_s"], "peak_rss_mib": res["peak_rss_mib"]}
     f1: dict[str, list[float]] = {}
     if a.f1:
+        # the default's cells are bench/headline.py's own (same names, same folder): one run serves both benches
         shared = {**extra, **run_config_arg(a.f1_run_config)}
         for name, keys in VARIANTS.items():
-            tag = "mb8" if keys else "default"
-            f1[name] = [federated_cell(out, f"f1-{tag}-split{s}", {**shared, **keys, "split-seed": int(s)},
-                                       timeout=7200)["test"]["weighted_f1"] for s in a.splits.split(",")]
+            tag = "microbatch8" if keys else "default"
+            f1[name] = [federated_cell(a.f1_workdir.resolve(), f"{tag}-federated-split{s}",
+                                       {**shared, **keys, "split-seed": int(s)}, timeout=7200)["test"]["weighted_f1"]
+                        for s in a.splits.split(",")]
 
     before, after = VARIANTS
     speedup_train = train[after] / train[before]

@@ -36,7 +36,7 @@ class RunConfig:
     model_preset: str = "compact"
     fusion: str = "magnet"
     modalities: str = "act,acw,dc,pm"
-    acc_window_stats: bool = False
+    acc_window_stats: bool = True
     acc_window_stats_norm: bool = False
     # federation
     strategy: str = "fedavg"
@@ -67,7 +67,7 @@ class RunConfig:
     poison_scale: float = 10.0
     # data
     data_path: str = ""
-    normalization: str = "global"
+    normalization: str = "subject"
     augment_sigma: float = 0.01
     modality_dropout: float = 0.0
     unimodal_weight: float = 0.0

@@ -61,5 +61,9 @@ def test_cli_reads_run_config_files_and_keys_without_overriding_them():
     assert (rc.model_preset, rc.lr, rc.micro_batch, rc.normalization) == ("tiny", 1e-4, 8, "per_window")
     assert rc.train_config().modality_dropout == 0.5
     assert run_config(parse_args([])).train_config().lr == 1e-3  # the compact preset's own
+    # one source of defaults: the CLI without flags is pyproject.toml's run config (only its output folder differs)
+    from server_app.config import RunConfig
+
+    assert run_config(parse_args([])).replace(output_dir=RunConfig().output_dir) == RunConfig()
     with pytest.raises(SystemExit, match="no such file"):
         run_config(parse_args(["--run-config", "conf/missing.toml"]))

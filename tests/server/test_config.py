@@ -44,7 +44,8 @@ def test_lr_zero_is_the_presets_own():
     ({"modality-dropout": -0.1}, "'modality-dropout' must be in [0, 1)"),
     ({"unimodal-weight": -1.0}, "'unimodal-weight' must be >= 0"),
     ({"acc-window-stats": 1}, "'acc-window-stats' must be of type bool"),
-    ({"acc-window-stats-norm": True}, "'acc-window-stats-norm' normalises the window statistics"),
+    ({"acc-window-stats": False, "acc-window-stats-norm": True},
+     "'acc-window-stats-norm' normalises the window statistics"),
     ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
 ])
 def test_bad_keys_fail_naming_the_key(overrides, message):
@@ -69,7 +70,7 @@ def test_model_keys_reach_every_party_s_model():
     assert set(model.unimodal_heads) == set(model.modalities)
     assert model.encoders["act"].window_stats and model.generators is None
     assert model.encoders["act"].stats_norm is not None
-    plain = task.model_for(RunConfig.from_run_config({"model-preset": "tiny"}))
+    plain = task.model_for(RunConfig.from_run_config({"model-preset": "tiny", "acc-window-stats": False}))
     assert plain.unimodal_heads is None and not plain.encoders["act"].window_stats
     assert plain.encoders["act"].stats_norm is None
 
