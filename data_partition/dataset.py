@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import read_rows
-from .constants import MODALITIES, NUM_CLASSES
+from .constants import ACC_MODALITIES, MODALITIES, NUM_CLASSES
 from .stats import STD_EPS, NormStats, per_window_normalize
 
 #: How a window's values are standardised (``WindowDataset(normalization=...)``).
@@ -25,9 +25,9 @@ class WindowDataset(Dataset):
     ``normalization="global"`` applies ``stats`` (fitted on training subjects only);
     ``"per_window"`` is the paper's per-window z-score (``stats`` unused); ``"subject"`` z-scores each
     subject's windows with that subject's own mean and std (``subject_stats``: per accelerometer axis, one
-    scalar per frame modality, over the windows where the modality is present; no labels; ``stats`` unused). ``augment_sigma > 0``
-    adds Gaussian noise on the fly to the ``augment_modalities`` of present modalities (training
-    only: leave it 0 for evaluation). ``masks`` (``bool [n, 4]``) marks absent modalities, which are
+    scalar per frame modality, over the windows where the modality is present; no labels; ``stats``
+    unused). ``augment_sigma > 0`` adds Gaussian noise on the fly to the ``augment_modalities`` of present
+    modalities (training only: leave it 0 for evaluation). ``masks`` (``bool [n, 4]``) marks absent modalities, which are
     returned as zeros. ``labels`` overrides the labels (label noise / poisoning simulators).
     ``in_memory=True`` copies the subjects' rows out of the memory map (a client's own slice only);
     ``False`` reads through the map.
@@ -182,14 +182,14 @@ def subject_stats(arrays: dict[str, np.ndarray], rows: np.ndarray, masks: np.nda
     for j, m in enumerate(MODALITIES):
         a = arrays[m]
         sel = np.flatnonzero(rows & masks[:, j])
-        channels = a.shape[-1] if m in ("act", "acw") else 1
+        channels = a.shape[-1] if m in ACC_MODALITIES else 1
         if len(sel) == 0:
             mu, sd = np.zeros(channels), np.ones(channels)
         else:
             x = np.asarray(a[sel] if isinstance(a, np.ndarray) else np.stack([a[k] for k in sel]),
                            dtype=np.float64).reshape(-1, channels)
             mu, sd = x.mean(axis=0), np.maximum(x.std(axis=0), eps)
-        shape = (channels,) if m in ("act", "acw") else ()
+        shape = (channels,) if m in ACC_MODALITIES else ()
         mean[m] = mu.reshape(shape).astype(np.float32)
         std[m] = sd.reshape(shape).astype(np.float32)
     return mean, std
