@@ -27,8 +27,8 @@ class WindowDataset(Dataset):
     subject's windows with that subject's own mean and std (``subject_stats``: per accelerometer axis, one
     scalar per frame modality, over the windows where the modality is present; no labels; ``stats``
     unused). ``augment_sigma > 0`` adds Gaussian noise on the fly to the ``augment_modalities`` of present
-    modalities (training only: leave it 0 for evaluation). ``masks`` (``bool [n, 4]``) marks absent modalities, which are
-    returned as zeros. ``labels`` overrides the labels (label noise / poisoning simulators).
+    modalities (training only: leave it 0 for evaluation). ``masks`` (``bool [n, 4]``) marks absent
+    modalities, which are returned as zeros. ``labels`` overrides the labels (label noise / poisoning simulators).
     ``in_memory=True`` copies the subjects' rows out of the memory map (a client's own slice only);
     ``False`` reads through the map.
     """
