@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -80,12 +79,3 @@ def centralized_cell(out: Path, name: str, run_config: dict, *, args: tuple[str,
     print(f"    done in {res['wall_s']:.0f} s", flush=True)
     return res
 
-
-def run_config_arg(text: str) -> dict:
-    """`--run-config`: a TOML file (as for `flwr run --run-config conf/x.toml`) or inline `key=value ...`."""
-    if not text:
-        return {}
-    path = Path(text)
-    if path.suffix == ".toml" and path.exists():
-        return tomllib.loads(path.read_text())
-    return tomllib.loads("\n".join(text.split()))

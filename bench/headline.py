@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cells import centralized_cell, federated_cell, run_config_arg  # noqa: E402
+from _cells import centralized_cell, federated_cell  # noqa: E402
 
+from server_app.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
 
 PAPER = {"federated": 0.881, "centralized": 0.934}  # MHARFedLLM, Table 1, MAGNET (weighted F1)
@@ -66,7 +67,7 @@ def main() -> int:
     a = p.parse_args()
     splits = [int(s) for s in a.splits.split(",") if s]
     modes = [m for m in a.modes.split(",") if m]
-    extra = run_config_arg(a.run_config)
+    extra = parse_run_config([a.run_config] if a.run_config else [])
     if a.data_path:
         extra["data-path"] = str(Path(a.data_path).resolve())
     out = a.workdir.resolve()

@@ -30,8 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/model.py must not shadow `model`
 
-from _cells import federated_cell, run_config_arg  # noqa: E402
+from _cells import federated_cell  # noqa: E402
 
+from server_app.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
 
 VARIANTS = {"micro-batch 8 (paper)": {"micro-batch": 8}, "micro-batch 0 (default)": {}}
@@ -90,7 +91,7 @@ def main() -> int:
     f1: dict[str, list[float]] = {}
     if a.f1:
         # the default's cells are bench/headline.py's own (same names, same folder): one run serves both benches
-        shared = {**extra, **run_config_arg(a.f1_run_config)}
+        shared = {**extra, **parse_run_config([a.f1_run_config] if a.f1_run_config else [])}
         for name, keys in VARIANTS.items():
             tag = "microbatch8" if keys else "default"
             f1[name] = [federated_cell(a.f1_workdir.resolve(), f"{tag}-federated-split{s}",

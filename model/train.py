@@ -70,30 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace):
     """The federated run's dataclass (server_app/config.py, no Flower inside) from --run-config and the
     shortcut flags: one set of keys, defaults and checks for both ways of training."""
-    import shlex
     import tomllib
 
-    from server_app.config import RunConfig
+    from server_app.config import ConfigError, RunConfig, parse_run_config
 
-    values: dict = {}
-    items: list[str] = []
-    for text in args.run_config:
-        path = Path(text)
-        if text.endswith(".toml"):
-            if not path.is_file():
-                raise SystemExit(f"--run-config: no such file: {text}")
-            values.update(tomllib.loads(path.read_text()))
-        else:
-            items += shlex.split(text, posix=False)  # keep quotes: values are TOML, as for flwr run
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--run-config: expected key=value, got '{item}'")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise SystemExit(f"--run-config: the value of '{key}' is not a TOML value: {raw} "
-                             "(strings need quotes)") from None
+    try:
+        values = parse_run_config(args.run_config)
+    except ConfigError as e:
+        raise SystemExit(f"--run-config: {e}") from None
     for flag, key in SHORTCUTS.items():
         given = getattr(args, key.replace("-", "_"))
         if given is not None:

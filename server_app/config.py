@@ -113,9 +113,8 @@ class RunConfig:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, got {getattr(self, name)}")
         if self.lr < 0:
             raise ConfigError(f"run-config key 'lr' must be > 0 (or 0: the model preset's own), got {self.lr}")
-        for name in ("round_timeout",):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"run-config key '{_key(name)}' must be > 0, got {getattr(self, name)}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"run-config key 'round-timeout' must be > 0, got {self.round_timeout}")
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"run-config key 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
         for name in ("weight_decay", "proximal_mu", "augment_sigma", "num_malicious", "fedmobile_samples_weight",
@@ -229,6 +228,31 @@ class RunConfig:
                            grad_accum=self.optimizer_batch // self.forward_batch, epochs=epochs or self.local_epochs,
                            patience=self.patience, generator_weight=self.generator_weight, amp=self.amp,
                            modality_dropout=self.modality_dropout, unimodal_weight=self.unimodal_weight)
+
+
+def parse_run_config(texts: "list[str] | tuple[str, ...]") -> dict[str, Any]:
+    """Run-config overrides as `flwr run --run-config` takes them: each text a TOML file (`conf/paper.toml`)
+    or inline `key=value ...` pairs with TOML values; later texts win. Keys are not checked here (RunConfig does)."""
+    import shlex
+    import tomllib
+
+    values: dict[str, Any] = {}
+    for text in texts:
+        if text.endswith(".toml"):
+            if not os.path.isfile(text):
+                raise ConfigError(f"no such file: {text}")
+            with open(text, "rb") as f:
+                values.update(tomllib.load(f))
+            continue
+        for item in shlex.split(text, posix=False):  # keep quotes: values are TOML, as for flwr run
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"expected key=value, got '{item}'")
+            try:
+                values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"the value of '{key}' is not a TOML value: {raw} (strings need quotes)") from None
+    return values
 
 
 def _key(name: str) -> str:
