@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from server_app.deploy import marked_pids
+from server_app.deploy.processes import marked_pids
 
 
 def _mem_kib(pid: int) -> tuple[int, int]:

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from client_app.client_app import train_subject  # noqa: E402
-from server_app import task  # noqa: E402
-from server_app.config import RunConfig  # noqa: E402
+from fedtime import task  # noqa: E402
+from fedtime.config import RunConfig  # noqa: E402
 from server_app.server_app import Evaluator  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
-from server_app.strategy import ClientSampler, paper_shuffle_order, weighted_average  # noqa: E402
+from server_app.strategies import ClientSampler, paper_shuffle_order, weighted_average  # noqa: E402
 from model import build_model, trainable_state  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 
@@ -62,7 +62,7 @@ def bare_loop(cfg: RunConfig, workers: int) -> tuple[float, float, list[list[int
             out = []
             for s in subjects[k::workers]:
                 t = time.time()
-                new, m = train_subject(cfg, s, state, rnd, log=lambda line: None, model=models[k])
+                new, m = train_subject(cfg, s, state, {"server-round": rnd}, log=lambda line: None, model=models[k])
                 out.append((s, {k2: v.numpy() for k2, v in new.items()}, m["num-examples"], time.time() - t))
             return out
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cells import centralized_cell, federated_cell  # noqa: E402
 
-from server_app.config import parse_run_config  # noqa: E402
+from fedtime.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
 
 PAPER = {"federated": 0.881, "centralized": 0.934}  # MHARFedLLM, Table 1, MAGNET (weighted F1)

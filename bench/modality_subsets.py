@@ -36,8 +36,8 @@ from data_partition import WindowDataset  # noqa: E402
 from data_partition.constants import MODALITIES  # noqa: E402
 from model import load_trainable_state  # noqa: E402
 from model.training import classification_metrics, each_subject, evaluate_per_subject, move_batch  # noqa: E402
-from server_app import task  # noqa: E402
-from server_app.config import RunConfig  # noqa: E402
+from fedtime import task  # noqa: E402
+from fedtime.config import RunConfig  # noqa: E402
 
 SUBSETS = [c for r in range(len(MODALITIES), 0, -1) for c in itertools.combinations(range(len(MODALITIES)), r)]
 

@@ -44,11 +44,12 @@ SCENARIOS: dict[str, dict] = {
     "scaled-update": {"poison": "scale", "poison-clients": 2, "poison-scale": 10.0},
 }
 # a table row: registered strategy name, or a variant = (strategy, extra run-config keys)
-STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmedavg": {"trim-beta": 0.2},
-                                  "krum": {"num-malicious": 2},
+STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"fedprox.proximal-mu": 0.01},
+                                  "fedtrimmedavg": {"fedtrimmedavg.trim-beta": 0.2},
+                                  "krum": {"krum.num-malicious": 2},
                                   # FedMobile's generators with plain sample weights: isolates the reconstruction
-                                  "fedmobile-samples": {"strategy": "fedmobile", "fedmobile-perf-weight": 0.0,
-                                                        "fedmobile-gain-weight": 0.0},
+                                  "fedmobile-samples": {"strategy": "fedmobile", "fedmobile.perf-weight": 0.0,
+                                                        "fedmobile.gain-weight": 0.0},
                                   # each modality's encoder averaged over the clients that have that sensor
                                   "fedavg-modality": {"strategy": "fedavg", "modality-aware-averaging": True},
                                   # modality dropout in local training (each present sensor masked with p 0.5)
@@ -69,7 +70,7 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"proximal-mu": 0.01}, "fedtrimmeda
                                   # set's cross-entropy instead of the embeddings' R²
                                   "fedmobile-accnorm-kd": {"strategy": "fedmobile", "acc-window-stats": True,
                                                            "acc-window-stats-norm": True,
-                                                           "generator-objective": "prediction"}}
+                                                           "fedmobile.generator-objective": "prediction"}}
 
 
 def _mean_std(xs: list[float]) -> str:

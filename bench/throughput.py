@@ -32,7 +32,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # after the project: benc
 
 from _cells import federated_cell  # noqa: E402
 
-from server_app.config import parse_run_config  # noqa: E402
+from fedtime.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
 
 VARIANTS = {"micro-batch 8 (paper)": {"micro-batch": 8}, "micro-batch 0 (default)": {}}
@@ -44,8 +44,8 @@ def client_throughput(variants: dict[str, dict], subjects: list[int], repeats: i
 
     from client_app.client_app import train_subject
     from model import trainable_state
-    from server_app import task
-    from server_app.config import RunConfig
+    from fedtime import task
+    from fedtime.config import RunConfig
 
     torch.set_num_threads(1)
     cfgs = {name: RunConfig.from_run_config({**extra, **keys, "local-epochs": 1}) for name, keys in variants.items()}
@@ -56,7 +56,7 @@ def client_throughput(variants: dict[str, dict], subjects: list[int], repeats: i
         for subject in subjects:
             for name, cfg in cfgs.items():
                 t0 = time.perf_counter()
-                _, metrics = train_subject(cfg, subject, state, 1, log=lambda s: None, model=model)
+                _, metrics = train_subject(cfg, subject, state, {"server-round": 1}, log=lambda s: None, model=model)
                 if rep:
                     rates[name].append(metrics["num-examples"] / (time.perf_counter() - t0))
     return {name: statistics.median(r) for name, r in rates.items()}

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Subset
 
 from data_partition.constants import MODALITIES
 from model import class_weights_from_labels, evaluate, fit, load_trainable_state, trainable_state
-from server_app import task
-from server_app.config import RunConfig
+from fedtime import task
+from fedtime.config import RunConfig
 
 app = ClientApp()
 
@@ -31,17 +31,21 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"subject": subject})}), reply_to=msg)
 
 
-def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, proximal_mu: float = 0.0,
-                  log=print, local_val_fraction: float = 0.0, model: torch.nn.Module | None = None
-                  ) -> tuple[dict, dict]:
-    """One client's local training from the global trainable state; returns (new state, metrics). Seeded by
-    (seed, round, subject) so a run — or its resumption — repeats the same local steps.
+def train_subject(cfg: RunConfig, subject: int, state: dict, round_config: dict | None = None, log=print,
+                  model: torch.nn.Module | None = None) -> tuple[dict, dict]:
+    """One client's local training from the global trainable state; returns (new state, metrics).
+    `round_config`: what the strategy sent for this round (Flower's train config: `server-round`, its client
+    settings and model options). Seeded by (seed, round, subject) so a run — or its resumption — repeats the same
+    local steps.
 
-    With `local_val_fraction` (FedMobile-style strategies) a fixed, seeded share of the subject's windows is
+    With `local-val-fraction` (FedMobile-style strategies) a fixed, seeded share of the subject's windows is
     held out: the client reports the global model's and its trained model's loss there (its contribution) and
     the trained model's weighted F1 (its local validation performance). `model`: an instance to train in
     (default: the process-wide one)."""
-    model = model if model is not None else task.model_for(cfg)
+    sent = dict(round_config or {})
+    server_round = int(sent.get("server-round", 0))
+    local_val_fraction = float(sent.get("local-val-fraction", 0.0))
+    model = model if model is not None else task.model_for(cfg, task.options_from_message(sent))
     load_trainable_state(model, state)
     data = task.dataset(cfg, [subject], train=True)
     labels = data.labels
@@ -62,12 +66,12 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
     if val_loader is not None:
         before = evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)
         metrics["local_val_loss_before"] = float(before["loss"])
-    train_cfg = cfg.train_config()
+    train_cfg = task.train_config(cfg, sent)
     loader = DataLoader(train_data, batch_size=train_cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     where = f"[subject {subject:02d} round {server_round} {task.device_name()}]"
     history = fit(model, loader, train_cfg, device=task.device(), class_weights=weights,
-                  proximal_mu=proximal_mu, log=lambda line: log(f"{where} {line}"))
+                  log=lambda line: log(f"{where} {line}"))
     last = history[-1]
     if val_loader is not None:
         m = evaluate(model, val_loader, task.device(), weights, amp=cfg.amp)
@@ -87,11 +91,8 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, server_round: int, 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, subject = _setup(context)
-    config = msg.content["config"]
     state, metrics = train_subject(cfg, subject, msg.content["arrays"].to_torch_state_dict(),
-                                   int(config.get("server-round", 0)), float(config.get("proximal-mu", 0.0)),
-                                   log=lambda line: print(line, flush=True),
-                                   local_val_fraction=float(config.get("local-val-fraction", 0.0)))
+                                   dict(msg.content["config"]), log=lambda line: print(line, flush=True))
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -100,7 +101,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this node's own subject (federated evaluation; the paper's protocol
     validates on the server instead, so the default strategy does not call this)."""
     cfg, subject = _setup(context)
-    model = task.model_for(cfg)
+    config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
+    model = task.model_for(cfg, task.options_from_message(config))
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     data = task.dataset(cfg, [subject], train=False)
     m = evaluate(model, DataLoader(data, batch_size=cfg.eval_batch_size), task.device(), amp=cfg.amp)

@@ -29,11 +29,12 @@ RUN python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "
 COPY --chown=49999:49999 pyproject.toml README.md ./
 COPY --chown=49999:49999 data_partition ./data_partition
 COPY --chown=49999:49999 model ./model
+COPY --chown=49999:49999 fedtime ./fedtime
 COPY --chown=49999:49999 server_app ./server_app
 COPY --chown=49999:49999 client_app ./client_app
 RUN sed -i '/"flwr\[simulation\]/d' pyproject.toml \
     && python -m pip install --no-cache-dir . "flwr==${FLWR_VERSION}" "torch==${TORCH_VERSION}" \
-    && python -c "import torch, flwr, model, server_app, client_app; print('torch', torch.__version__, 'flwr', flwr.__version__)" \
+    && python -c "import torch, flwr, model, fedtime, server_app, client_app; print('torch', torch.__version__, 'flwr', flwr.__version__)" \
     && mkdir -p /app/cache /app/outputs
 
 WORKDIR /app

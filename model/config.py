@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-try:  # the single source of truth for the modality order
-    from data_partition.constants import MODALITIES  # type: ignore
-except Exception:  # pragma: no cover - data_partition is optional for the model package
-    MODALITIES = ("act", "acw", "dc", "pm")
+from data_partition.constants import MODALITIES  # the single source of truth for the modality order
 
 ACC_MODALITIES = ("act", "acw")
 FRAME_MODALITIES = ("dc", "pm")

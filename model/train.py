@@ -68,11 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace):
-    """The federated run's dataclass (server_app/config.py, no Flower inside) from --run-config and the
-    shortcut flags: one set of keys, defaults and checks for both ways of training."""
+    """The run's shared settings (`fedtime.config.RunConfig`, no Flower inside) from --run-config and the shortcut
+    flags: one set of keys, defaults and checks for both ways of training. Keys only a federation has (rounds,
+    strategies and their tables, scenarios) are refused unless they keep their default."""
     import tomllib
 
-    from server_app.config import ConfigError, RunConfig, parse_run_config
+    from fedtime.config import FEDERATED_ONLY, ConfigError, RunConfig, parse_run_config
 
     try:
         values = parse_run_config(args.run_config)
@@ -90,7 +91,17 @@ def run_config(args: argparse.Namespace):
             except tomllib.TOMLDecodeError:
                 pass  # RunConfig names the key and the type it expects
     values.setdefault("output-dir", "outputs/central")
-    return RunConfig.from_run_config(values)
+    try:
+        rc = RunConfig.from_run_config(values)
+    except ConfigError as e:
+        raise SystemExit(f"--run-config: {e}") from None
+    default = defaults.to_run_config()
+    federated = sorted(k for k, v in values.items()
+                       if ("." in k or k in FEDERATED_ONLY) and (k not in default or v != default[k]))
+    if federated:
+        raise SystemExit(f"--run-config: python -m model.train trains centrally and cannot honour federated keys: "
+                         f"{', '.join(f'{k}={values[k]!r}' for k in federated)} (epochs: --epochs)")
+    return rc
 
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int):
@@ -125,6 +136,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from data_partition import PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split
 
+    from fedtime import task
+
     rc = run_config(args)
     torch.set_num_threads(rc.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
@@ -157,7 +170,7 @@ def main(argv=None) -> dict:
     print(f"model: {rc.model_preset}/{rc.fusion} on {'+'.join(model.modalities)}: {pc['total']:,} params, "
           f"{pc['trainable']:,} trainable; trainable state {ts_bytes:,} bytes; device {device}", flush=True)
     cw = None if args.no_class_weights else class_weights_from_labels(train_ds.labels, model.num_classes)
-    tc = dataclasses.replace(rc.train_config(args.epochs), monitor=args.monitor, label_smoothing=args.label_smoothing,
+    tc = dataclasses.replace(task.train_config(rc, epochs=args.epochs), monitor=args.monitor, label_smoothing=args.label_smoothing,
                              max_batches_per_epoch=args.max_batches,
                              swa_start=args.swa_start,
                              seed=rc.seed)

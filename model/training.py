@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .config import MODALITIES
 from .state import load_trainable_state, trainable_state
 
 
@@ -40,6 +42,7 @@ class TrainConfig:
     swa_start: int = 0  # > 0: average the trainable weights of epochs swa_start.. (SWA) instead of early stopping
     generator_weight: float = 1.0  # weight of the latent generators' distillation loss (models with generators)
     unimodal_weight: float = 0.0  # weight of the per-modality heads' cross-entropy (models with unimodal heads)
+    proximal_mu: float = 0.0  # FedProx: + mu/2 ||w - w_start||^2 over the trainable parameters (w_start: fit's start)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
     seed: int | None = None  # when set, fit seeds torch before training (dropout, gate noise)
 
@@ -139,6 +142,7 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 _MINIMIZE = {"loss"}
+_VAL_KEYS = ("loss", "accuracy", "weighted_f1", "macro_f1")
 
 
 def _adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -147,6 +151,303 @@ def _adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimize
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss of one batch, as named terms
+
+#: the order in which the history reports the loss terms and adds them up into ``train_loss``, the order it always
+#: had (terms not listed go last). The objective adds them in the order they are computed, FedProx last; a float
+#: sum in another order would change the last bits of ``train_loss``.
+HISTORY_TERMS = ("ce", "aux", "prox", "generator", "unimodal")
+
+
+def forward_loss_names(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
+    """The names of the losses a training forward of ``model`` yields besides the cross-entropy: ``aux`` (the MoE
+    load balance, 0 without MoE) always; ``generator`` when it has latent generators; ``unimodal`` when it has
+    unimodal heads and ``cfg.unimodal_weight > 0`` (heads without weight add no term)."""
+    names = ["aux"]
+    if getattr(model, "generators", None) is not None:
+        names.append("generator")
+    if getattr(model, "unimodal_heads", None) is not None and cfg.unimodal_weight > 0:
+        names.append("unimodal")
+    return tuple(names)
+
+
+def forward_losses(model: nn.Module, aux: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None,
+                   names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The losses ``names`` of the training forward that just ran, by name. The one place that knows where each
+    lives: ``aux`` is what forward returns; the generators' distillation loss and the unimodal heads' logits are
+    left on the model as attributes (``MultimodalHAR.forward``)."""
+    readers = {
+        "aux": lambda: aux.float(),
+        "generator": lambda: model.generator_loss.float(),
+        "unimodal": lambda: unimodal_loss(model.unimodal_logits, model.unimodal_present, y, class_weights),
+    }
+    return {name: readers[name]() for name in names}
+
+
+class Objective:
+    """The training loss of one batch: class-weighted cross-entropy ``ce``, the forward's auxiliary losses
+    (:func:`forward_losses`) and the FedProx term ``prox`` (anchor = the trainable parameters at the start of
+    ``fit``), each a named term, summed with its ``TrainConfig`` weight (``ce`` and ``prox``: none)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, params: list[torch.Tensor], device: torch.device,
+                 amp_dtype: torch.dtype | None, class_weights: torch.Tensor | None, proximal_mu: float):
+        self.model, self.params, self.device, self.amp_dtype = model, params, device, amp_dtype
+        self.label_smoothing, self.mu = cfg.label_smoothing, proximal_mu
+        self.class_weights = (class_weights.to(device=device, dtype=torch.float32)
+                              if class_weights is not None else None)
+        self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        self.forward_names = forward_loss_names(model, cfg)
+        self.names = ("ce", *self.forward_names) + (("prox",) if self.anchor is not None else ())
+        self.weights = {"aux": cfg.aux_weight, "generator": cfg.generator_weight, "unimodal": cfg.unimodal_weight}
+
+    def terms(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits, {name: loss term}) of a training forward of ``batch``."""
+        with _autocast(self.device, self.amp_dtype):
+            logits, aux = self.model(batch)
+        y = batch["y"]
+        terms = {"ce": F.cross_entropy(logits.float(), y, weight=self.class_weights,
+                                       label_smoothing=self.label_smoothing)}
+        terms.update(forward_losses(self.model, aux, y, self.class_weights, self.forward_names))
+        if self.anchor is not None:
+            terms["prox"] = proximal_term(self.params, self.anchor, self.mu)
+        return logits, terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss to minimise: every term of ``terms`` by its name, times its weight, in their order."""
+        return _weighted_sum(terms, self.weights)
+
+    def history_total(self, sums: dict[str, float]) -> float:
+        """The same sum of the terms' epoch sums (``train_loss`` times windows), in ``HISTORY_TERMS`` order."""
+        return _weighted_sum({name: sums[name] for name in _history_order(sums)}, self.weights)
+
+
+def _weighted_sum(values: dict, weights: dict[str, float]):
+    total = None
+    for name, v in values.items():
+        w = weights.get(name)
+        v = v if w is None else w * v
+        total = v if total is None else total + v
+    return total
+
+
+def _history_order(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=lambda n: HISTORY_TERMS.index(n) if n in HISTORY_TERMS else len(HISTORY_TERMS))
+
+
+class EpochStats:
+    """What one epoch's history row reports: windows, correct predictions, the window-weighted sum of each loss
+    term, optimizer steps, fp16 overflows and skipped batches."""
+
+    def __init__(self, names: Sequence[str]):
+        self.n = self.correct = self.steps = self.overflow = self.skipped = 0
+        self.sums = {name: 0.0 for name in names}
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        bs = y.shape[0]
+        self.n += bs
+        for name, term in terms.items():
+            self.sums[name] += float(term.detach()) * bs
+        self.correct += int((logits.detach().argmax(-1) == y).sum())
+
+    def record(self, epoch: int, lr: float, objective: Objective, train_time: float) -> dict:
+        n = max(self.n, 1)
+        means = {name: self.sums[name] / n for name in _history_order(self.sums)}
+        rec = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": objective.history_total(self.sums) / n,
+            "train_ce": means["ce"],
+            "train_aux": means["aux"],
+            "train_accuracy": self.correct / n,
+            "train_samples": self.n,
+            "optimizer_steps": self.steps,
+            "amp_skipped_steps": self.overflow,  # fp16 GradScaler overflows (the weights did not move)
+            "skipped_batches": self.skipped,
+            "train_time_s": train_time,
+            "train_windows_per_s": self.n / train_time if train_time > 0 else float("nan"),
+        }
+        rec.update({f"train_{k}": v for k, v in means.items() if k not in ("ce", "aux")})
+        return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# batches and optimizer steps
+
+def _presence(batch: dict) -> torch.Tensor:
+    """``batch["mask"]`` as bool; a batch without one has every modality present (the data contract: one column
+    per entry of ``MODALITIES``, whichever of them the model uses)."""
+    mask = batch.get("mask")
+    if mask is None:
+        y = batch["y"]
+        return torch.ones(y.shape[0], len(MODALITIES), dtype=torch.bool, device=y.device)
+    return mask.bool()
+
+
+def _training_batches(loader: Iterable[dict], cfg: TrainConfig, device: torch.device, skip_single: bool,
+                      stats: EpochStats):
+    """The loader's batches as fit trains on them, one at a time: at most ``cfg.max_batches_per_epoch``, on
+    ``device``, with modality dropout; batches of one window are skipped (counted) when the model has BatchNorm,
+    which cannot train on a single sample."""
+    for i, batch in enumerate(loader):
+        if cfg.max_batches_per_epoch is not None and i >= cfg.max_batches_per_epoch:
+            break
+        batch = move_batch(batch, device)
+        if cfg.modality_dropout > 0:
+            batch = dict(batch, mask=drop_modalities(_presence(batch), cfg.modality_dropout))
+        if skip_single and batch["y"].shape[0] < 2:
+            stats.skipped += 1
+            continue
+        yield batch
+
+
+def _groups(items: Iterable, size: int):
+    """Consecutive groups of ``size`` (the last may be shorter), each drawn lazily from ``items``: the next batch
+    is only prepared (modality dropout draws from the global RNG) once the previous one has been trained on, so
+    the random stream is the one a flat loop over the batches draws. Consume each group before the next."""
+    it = iter(items)
+    for first in it:
+        yield itertools.chain((first,), itertools.islice(it, size - 1))
+
+
+def _clip_groups(model: nn.Module, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The generators' distillation gradients never reach the model (detached), so they are clipped apart: under
+    one global norm a badly reconstructing generator would shrink every step of the classifier it serves."""
+    generators = getattr(model, "generators", None)
+    ids = {id(p) for p in generators.parameters()} if generators is not None else set()
+    return [g for g in ([p for p in params if id(p) not in ids], [p for p in params if id(p) in ids]) if g]
+
+
+class OptimizerStep:
+    """One optimizer step over the micro-batches of an optimizer batch (``cfg.grad_accum`` forward passes): the
+    gradient of each micro-batch's loss / ``grad_accum`` accumulates (scaled by the fp16 GradScaler if any), so
+    the step is that of the mean loss; a short last group is rescaled to a mean over the micro-batches it holds;
+    each clip group's gradient norm is clipped to ``cfg.clip`` on its own."""
+
+    def __init__(self, opt: torch.optim.Optimizer, params: list[torch.Tensor], clip_groups: list[list[torch.Tensor]],
+                 cfg: TrainConfig, scaler: "torch.amp.GradScaler | None"):
+        self.opt, self.params, self.clip_groups, self.scaler = opt, params, clip_groups, scaler
+        self.accum = max(1, int(cfg.grad_accum))
+        self.clip = cfg.clip
+
+    def __call__(self, micro_batches: Iterable[dict], loss_of: Callable[[dict], torch.Tensor]) -> bool:
+        """Backward through ``loss_of(b)`` for each micro-batch, then step. False when the GradScaler skipped the
+        step (fp16 overflow: the weights did not move)."""
+        pending = 0
+        for batch in micro_batches:
+            loss = loss_of(batch) / self.accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            pending += 1
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if pending != self.accum:  # leftover group: rescale to a mean over the batches it holds
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.accum / pending)
+        if self.clip and self.clip > 0:
+            for group in self.clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, self.clip)
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return stepped
+
+
+# ----------------------------------------------------------------------------------------------
+# per-epoch hooks
+
+class EarlyStopping:
+    """Patience on the validation monitor: counts the epochs without strict improvement, keeps the best epoch's
+    trainable state (parameters + BatchNorm statistics) and restores it at the end, so that ``fit`` returns the
+    best model rather than the last. ``stop=False`` (SWA) still tracks the best epoch but never stops."""
+
+    def __init__(self, monitor: str, patience: int, stop: bool = True):
+        self.monitor, self.patience, self.stop = monitor, patience, stop
+        self.maximize = monitor not in _MINIMIZE
+        self.best_score, self.best_epoch, self.best_state, self.bad = None, None, None, 0
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, score: float) -> bool:
+        """Whether ``score`` improves on the best so far (then the model's trainable state is kept)."""
+        improved = self.best_score is None or (score > self.best_score if self.maximize else score < self.best_score)
+        if improved:
+            self.best_score, self.best_epoch, self.bad = score, epoch, 0
+            self.best_state = trainable_state(model)
+        else:
+            self.bad += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop and self.bad >= self.patience
+
+    def on_train_end(self, model: nn.Module, history: list[dict], log: Callable[[str], None]) -> None:
+        if self.best_state is None:
+            return
+        load_trainable_state(model, self.best_state)
+        if self.best_epoch != history[-1]["epoch"]:
+            log(f"restored epoch {self.best_epoch} (best val {self.monitor} {self.best_score:.4f})")
+
+
+class WeightAveraging:
+    """SWA: the running mean of the trainable parameters of epochs ``start``.. (``start`` 0 = off), which
+    replaces early stopping: the averaged weights are loaded at the end, BatchNorm statistics re-estimated for
+    them, and a history row ``{"epoch": "swa", ...}`` appended."""
+
+    def __init__(self, model: nn.Module, start: int):
+        self.start, self.n, self.mean = start, 0, None
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if not (self.start and epoch >= self.start):
+            return
+        self.n += 1
+        if self.mean is None:
+            self.mean = {name: p.detach().clone() for name, p in self.named}
+        else:
+            for name, p in self.named:
+                self.mean[name] += (p.detach() - self.mean[name]) / self.n
+
+    def on_train_end(self, model: nn.Module, train_loader: Iterable[dict], device: torch.device,
+                     validate: Callable[[nn.Module], dict] | None, history: list[dict],
+                     log: Callable[[str], None]) -> bool:
+        """Load the average (False when no epoch was averaged)."""
+        if self.mean is None:
+            return False
+        with torch.no_grad():
+            for name, p in self.named:
+                p.copy_(self.mean[name])
+        adapt_batchnorm(model, train_loader, device)  # running statistics for the averaged weights
+        rec = {"epoch": "swa", "swa_epochs": self.n}
+        if validate is not None:
+            vm = validate(model)
+            rec.update({f"val_{k}": vm[k] for k in _VAL_KEYS})
+            log(f"SWA of epochs {self.start}..{history[-1]['epoch']}: val wF1 {vm['weighted_f1']:.3f} "
+                f"mF1 {vm['macro_f1']:.3f}")
+        history.append(rec)
+        return True
+
+
+def _epoch_line(rec: dict, epochs: int, improved: bool) -> str:
+    line = (
+        f"epoch {rec['epoch']}/{epochs} train loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
+        f"aux {rec['train_aux']:.4f}{' unimodal %.4f' % rec['train_unimodal'] if 'train_unimodal' in rec else ''})"
+        f" acc {rec['train_accuracy']:.3f}"
+    )
+    if "val_loss" in rec:
+        line += (f" | val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.3f} wF1 {rec['val_weighted_f1']:.3f}"
+                 f" mF1 {rec['val_macro_f1']:.3f}{' *' if improved else ''}")
+    return line + f" | lr {rec['lr']:.1e} | {rec['epoch_time_s']:.1f}s ({rec['train_windows_per_s']:.0f} win/s)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,19 +460,17 @@ def fit(
     class_weights: torch.Tensor | None = None,
     val_loader: Iterable[dict] | None = None,
     validate: Callable[[nn.Module], dict] | None = None,
-    proximal_mu: float = 0.0,
     log: Callable[[str], None] | None = print,
 ) -> list[dict]:
     """Train ``model`` in place; returns one history dict per epoch.
 
-    AdamW (fresh per call) over the trainable parameters; loss = class-weighted CE +
-    ``cfg.aux_weight`` * aux (+ ``cfg.generator_weight`` * the latent generators' distillation loss when the
-    model has them) (+ ``cfg.unimodal_weight`` * ``unimodal_loss`` when the model has unimodal heads)
-    + optional FedProx ``mu/2 ||w - w_global||^2`` (anchor = the trainable parameters at the start of this call);
-    gradient accumulation with clipping (the generators' gradients clipped apart from the model's); mixed
-    precision on CUDA. With ``val_loader``: ReduceLROnPlateau and early stopping on ``cfg.monitor``, and the
-    best epoch's trainable state (parameters + BatchNorm statistics) is restored at the end. ``validate(model)``
-    replaces ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
+    AdamW (fresh per call) over the trainable parameters, minimising :class:`Objective` (class-weighted CE +
+    the forward's auxiliary losses + FedProx ``cfg.proximal_mu/2 ||w - w_global||^2`` when > 0); one
+    :class:`OptimizerStep` per ``cfg.grad_accum`` batches (accumulation, clipping, mixed precision on CUDA). With
+    ``val_loader``:
+    ReduceLROnPlateau and :class:`EarlyStopping` on ``cfg.monitor`` (the best epoch's trainable state is
+    restored at the end), or :class:`WeightAveraging` when ``cfg.swa_start``. ``validate(model)`` replaces
+    ``evaluate(model, val_loader)`` where validation needs more (per-subject BatchNorm statistics).
     """
     device = torch.device(device)
     log = log or (lambda s: None)
@@ -180,186 +479,52 @@ def fit(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _adamw(params, cfg)
-    maximize = cfg.monitor not in _MINIMIZE
-    sched = None
     if validate is None and val_loader is not None:
         def validate(m: nn.Module) -> dict:
             return evaluate(m, val_loader, device, amp=cfg.amp)
+    early = sched = None
     if validate is not None:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max" if maximize else "min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
-        )
+        early = EarlyStopping(cfg.monitor, cfg.patience, stop=not cfg.swa_start)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if early.maximize else "min",
+                                                           factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                                           min_lr=cfg.min_lr)
     amp_dtype, use_scaler = _amp(cfg.amp, device)
-    scaler = grad_scaler() if use_scaler else None
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    weight = class_weights.to(device=device, dtype=torch.float32) if class_weights is not None else None
+    step = OptimizerStep(opt, params, _clip_groups(model, params), cfg, grad_scaler() if use_scaler else None)
+    objective = Objective(model, cfg, params, device, amp_dtype, class_weights, cfg.proximal_mu)
+    swa = WeightAveraging(model, cfg.swa_start)
     skip_single = _has_batchnorm(model)
-    has_generators = getattr(model, "generators", None) is not None
-    has_unimodal = getattr(model, "unimodal_heads", None) is not None and cfg.unimodal_weight > 0
-    accum = max(1, int(cfg.grad_accum))
-    # the generators' distillation gradients never reach the model (detached), so they are clipped apart: under
-    # one global norm a badly reconstructing generator would shrink every step of the classifier it serves
-    generator_ids = {id(p) for p in model.generators.parameters()} if has_generators else set()
-    clip_groups = [g for g in ([p for p in params if id(p) not in generator_ids],
-                               [p for p in params if id(p) in generator_ids]) if g]
 
-    def optimizer_step(pending: int) -> bool:
-        """False when the GradScaler skipped the step (fp16 overflow)."""
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if pending != accum:  # leftover group: rescale to a mean over the batches it holds
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(accum / pending)
-        if cfg.clip and cfg.clip > 0:
-            for group in clip_groups:
-                torch.nn.utils.clip_grad_norm_(group, cfg.clip)
-        stepped = True
-        if scaler is not None:
-            scale = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            stepped = scaler.get_scale() >= scale
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return stepped
+    def batch_loss(batch: dict) -> torch.Tensor:
+        logits, terms = objective.terms(batch)
+        stats.add(logits, batch["y"], terms)
+        return objective.total(terms)
 
     history: list[dict] = []
-    best_score, best_epoch, best_state, bad = None, None, None, 0
-    swa: dict[str, torch.Tensor] | None = None
-    swa_n = 0
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        n = correct = 0
-        sum_ce = sum_aux = sum_prox = sum_gen = sum_uni = 0.0
-        steps = pending = skipped = overflow = 0
+        stats = EpochStats(objective.names)
         opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(train_loader):
-            if cfg.max_batches_per_epoch is not None and i >= cfg.max_batches_per_epoch:
-                break
-            batch = move_batch(batch, device)
-            y = batch["y"]
-            if cfg.modality_dropout > 0:
-                mask = batch.get("mask")
-                if mask is None:
-                    mask = torch.ones(y.shape[0], 4, dtype=torch.bool, device=y.device)
-                batch = dict(batch, mask=drop_modalities(mask.bool(), cfg.modality_dropout))
-            if skip_single and y.shape[0] < 2:
-                skipped += 1  # BatchNorm cannot train on a single sample
-                continue
-            with _autocast(device, amp_dtype):
-                logits, aux = model(batch)
-            ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
-            loss = ce + cfg.aux_weight * aux.float()
-            if has_generators:
-                gen = model.generator_loss.float()
-                loss = loss + cfg.generator_weight * gen
-                sum_gen += float(gen.detach()) * y.shape[0]
-            if has_unimodal:
-                uni = unimodal_loss(model.unimodal_logits, model.unimodal_present, y, weight)
-                loss = loss + cfg.unimodal_weight * uni
-                sum_uni += float(uni.detach()) * y.shape[0]
-            if anchor is not None:
-                prox = proximal_term(params, anchor, proximal_mu)
-                loss = loss + prox
-                sum_prox += float(prox.detach()) * y.shape[0]
-            loss = loss / accum
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            pending += 1
-            if pending == accum:
-                overflow += not optimizer_step(pending)
-                pending = 0
-                steps += 1
-            bs = y.shape[0]
-            n += bs
-            sum_ce += float(ce.detach()) * bs
-            sum_aux += float(aux.detach()) * bs
-            correct += int((logits.detach().argmax(-1) == y).sum())
-        if pending:
-            overflow += not optimizer_step(pending)
-            steps += 1
-        train_time = time.perf_counter() - t0
-        rec = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": (sum_ce + cfg.aux_weight * sum_aux + sum_prox + cfg.generator_weight * sum_gen
-                           + cfg.unimodal_weight * sum_uni) / max(n, 1),
-            "train_ce": sum_ce / max(n, 1),
-            "train_aux": sum_aux / max(n, 1),
-            "train_accuracy": correct / max(n, 1),
-            "train_samples": n,
-            "optimizer_steps": steps,
-            "amp_skipped_steps": overflow,  # fp16 GradScaler overflows (the weights did not move)
-            "skipped_batches": skipped,
-            "train_time_s": train_time,
-            "train_windows_per_s": n / train_time if train_time > 0 else float("nan"),
-        }
-        if proximal_mu > 0:
-            rec["train_prox"] = sum_prox / max(n, 1)
-        if has_generators:
-            rec["train_generator"] = sum_gen / max(n, 1)
-        if has_unimodal:
-            rec["train_unimodal"] = sum_uni / max(n, 1)
-        line = (
-            f"epoch {epoch}/{cfg.epochs} train loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
-            f"aux {rec['train_aux']:.4f}{' unimodal %.4f' % rec['train_unimodal'] if has_unimodal else ''})"
-            f" acc {rec['train_accuracy']:.3f}"
-        )
-        stop = False
+        for micro_batches in _groups(_training_batches(train_loader, cfg, device, skip_single, stats), step.accum):
+            stats.overflow += not step(micro_batches, batch_loss)
+            stats.steps += 1
+        rec = stats.record(epoch, opt.param_groups[0]["lr"], objective, time.perf_counter() - t0)
+        improved = False
         if validate is not None:
             vm = validate(model)
-            for k in ("loss", "accuracy", "weighted_f1", "macro_f1"):
-                rec[f"val_{k}"] = vm[k]
-            score = vm[cfg.monitor]
-            improved = best_score is None or (score > best_score if maximize else score < best_score)
-            if improved:
-                best_score, best_epoch, bad = score, epoch, 0
-                best_state = trainable_state(model)
-            else:
-                bad += 1
-            sched.step(score)
-            rec["best_epoch"] = best_epoch
-            line += (
-                f" | val loss {vm['loss']:.4f} acc {vm['accuracy']:.3f} wF1 {vm['weighted_f1']:.3f}"
-                f" mF1 {vm['macro_f1']:.3f}{' *' if improved else ''}"
-            )
-            stop = bad >= cfg.patience and not cfg.swa_start
-        if cfg.swa_start and epoch >= cfg.swa_start:
-            swa_n += 1
-            if swa is None:
-                swa = {n: p.detach().clone() for n, p in named}
-            else:
-                for n, p in named:
-                    swa[n] += (p.detach() - swa[n]) / swa_n
+            rec.update({f"val_{k}": vm[k] for k in _VAL_KEYS})
+            improved = early.on_epoch_end(model, epoch, vm[cfg.monitor])
+            sched.step(vm[cfg.monitor])
+            rec["best_epoch"] = early.best_epoch
+        swa.on_epoch_end(epoch)
         rec["epoch_time_s"] = time.perf_counter() - t0
-        line += f" | lr {rec['lr']:.1e} | {rec['epoch_time_s']:.1f}s ({rec['train_windows_per_s']:.0f} win/s)"
         history.append(rec)
-        log(line)
-        if stop:
+        log(_epoch_line(rec, cfg.epochs, improved))
+        if early is not None and early.should_stop:
             log(f"early stopping after epoch {epoch}: no {cfg.monitor} gain for {cfg.patience} epochs")
             break
-    if swa is not None:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(swa[n])
-        adapt_batchnorm(model, train_loader, device)  # running statistics for the averaged weights
-        rec = {"epoch": "swa", "swa_epochs": swa_n}
-        if validate is not None:
-            vm = validate(model)
-            rec.update({f"val_{k}": vm[k] for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
-            log(f"SWA of epochs {cfg.swa_start}..{history[-1]['epoch']}: val wF1 {vm['weighted_f1']:.3f} "
-                f"mF1 {vm['macro_f1']:.3f}")
-        history.append(rec)
-    elif best_state is not None:
-        load_trainable_state(model, best_state)
-        if best_epoch != history[-1]["epoch"]:
-            log(f"restored epoch {best_epoch} (best val {cfg.monitor} {best_score:.4f})")
+    if not swa.on_train_end(model, train_loader, device, validate, history, log) and early is not None:
+        early.on_train_end(model, history, log)
     return history
 
 

@@ -3,7 +3,7 @@
 A seeded sample of validation windows with every modality present: their real embeddings under the newly
 aggregated encoders (each subject's with its own BatchNorm statistics, as at evaluation) are the targets; a
 generator's value is the R² with which it reconstructs each modality from a random subset of the others, or, for
-generators distilled towards the prediction (`generator-objective = "prediction"`), how much the generated node
+generators distilled towards the prediction (`fedmobile.generator-objective = "prediction"`), how much the generated node
 lowers the fused prediction's cross-entropy against leaving the modality out.
 """
 
@@ -18,14 +18,15 @@ from torch.utils.data import DataLoader, Subset
 
 from model import load_trainable_state
 from model.training import each_subject
-from server_app import task
-from server_app.config import RunConfig
+from fedtime import task
+from fedtime.config import RunConfig
 
 GEN_PREFIX = "generators."
 
 
 class GeneratorProxy:
-    def __init__(self, cfg: RunConfig, subjects, size: int, seed: int = 0, cluster_windows: int = 64) -> None:
+    def __init__(self, cfg: RunConfig, model_options: dict, subjects, size: int, seed: int = 0,
+                 cluster_windows: int = 64) -> None:
         complete = cfg.replace(missing_at_eval=False, missing_rate=0.0)
         rng = np.random.default_rng([seed, 11])
         per_subject = max(1, size // max(len(subjects), 1))
@@ -38,7 +39,7 @@ class GeneratorProxy:
             n += len(idx)
         self.adapt_bn = cfg.eval_bn_stats == "subject"
         self.cluster_windows = cluster_windows
-        self.model = task.model_for(cfg)
+        self.model = task.model_for(cfg, model_options)
         if self.model.generators is None:
             raise ValueError("GeneratorProxy needs a model with latent generators (strategy 'fedmobile')")
         self.generators = copy.deepcopy(self.model.generators).eval()

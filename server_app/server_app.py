@@ -14,12 +14,11 @@ from torch.utils.data import DataLoader
 
 from model import evaluate_per_subject, load_trainable_state, trainable_state
 from model.state import checkpoint_header
-from server_app import task
-from server_app.config import RunConfig
+from fedtime import task
+from fedtime.config import RunConfig
 from server_app.plots import write_plots
-from server_app.proxy import GeneratorProxy
 from server_app.run_store import RunStore, numpy_to_arrays
-from server_app.strategy import build_strategy
+from server_app.strategies import build_strategy, check_strategy_options
 
 app = ServerApp()
 
@@ -34,9 +33,9 @@ class Evaluator:
     `bn_stats="global"` normalises with the aggregated BatchNorm statistics; `"subject"` (AdaBN) first
     re-estimates them on each subject's own unlabeled windows, then pools the predictions."""
 
-    def __init__(self, cfg: RunConfig, subjects) -> None:
+    def __init__(self, cfg: RunConfig, subjects, model_options: dict) -> None:
         self.cfg = cfg
-        self.model = task.model_for(cfg)
+        self.model = task.model_for(cfg, model_options)
         self.loaders = {s: DataLoader(task.dataset(cfg, [s], train=False), batch_size=cfg.eval_batch_size)
                         for s in subjects}
         self.device = task.device()
@@ -50,6 +49,7 @@ class Evaluator:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
+    check_strategy_options(cfg)  # every key checked before any data is read
     task.set_threads(cfg)
     torch.manual_seed(cfg.seed)
     cache, split, _ = task.open_data(cfg)  # builds the window cache once, before any client needs it
@@ -58,26 +58,19 @@ def main(grid: Grid, context: Context) -> None:
                      keep_rounds=cfg.average_last_rounds)
     log(INFO, "run directory: %s", store.path)
 
-    model = task.model_for(cfg)
+    strategy = build_strategy(cfg, split=split, store=store)
+    options = strategy.model_options()
+    model = task.model_for(cfg, options)
     initial = ArrayRecord(trainable_state(model))
-    validate = Evaluator(cfg, split.val)
+    validate = Evaluator(cfg, split.val, options)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         m = validate(arrays)
         return MetricRecord({f"val_{k}": float(m[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
 
-    proxy = GeneratorProxy(cfg, split.val, cfg.proxy_windows, seed=cfg.seed) if cfg.latent_generators else None
-    strategy = build_strategy(cfg.strategy, clients_per_round=cfg.clients_per_round, patience=cfg.patience,
-                              split_seed=cfg.split_seed, train_subjects=list(split.train),
-                              min_train_replies=cfg.min_train_replies, proximal_mu=cfg.proximal_mu,
-                              trim_beta=cfg.trim_beta, num_malicious=cfg.num_malicious, store=store,
-                              modality_aware_averaging=cfg.modality_aware_averaging,
-                              fedmobile_mix=(cfg.fedmobile_samples_weight, cfg.fedmobile_perf_weight,
-                                             cfg.fedmobile_gain_weight),
-                              local_val_fraction=cfg.local_val_fraction, shapley_clusters=cfg.shapley_clusters,
-                              generator_proxy=proxy)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
-                            timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+                            timeout=cfg.round_timeout, train_config=ConfigRecord(strategy.client_config()),
+                            evaluate_fn=evaluate_fn)
 
     best, final = result.arrays, {"model": "best_round", "round": store.results["best_round"]}
     if cfg.average_last_rounds:
@@ -89,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
                  **{f"val_{k}": float(val[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}}
         log(INFO, "final model: mean of rounds %s | val wF1 %.4f mF1 %.4f", rounds, val["weighted_f1"],
             val["macro_f1"])
-    test_eval = Evaluator(cfg, split.test)
+    test_eval = Evaluator(cfg, split.test, options)
     test = test_eval(best)
     both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
             for mode in ("global", "subject")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -25,9 +24,11 @@ import tomllib
 
 import tomli_w
 
-from server_app.config import RunConfig
-from server_app.deploy import (FINISHED_OK, REPO_ROOT, DeployError, base_env, flwr_bin, flwr_cli, free_port,
-                               parse_json_output, stop_pids)
+from fedtime.config import RunConfig, flatten_tables, parse_run_config
+
+from server_app.deploy.common import REPO_ROOT, DeployError
+from server_app.deploy.flwr_cli import FINISHED_OK, base_env, flwr_bin, flwr_cli, parse_json_output
+from server_app.deploy.processes import free_port, stop_pids
 
 
 POLL_S = 15.0
@@ -66,8 +67,10 @@ def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app
     carries `marker` in its environment (`deploy.marked_pids(marker)` finds them, e.g. to measure memory).
     """
     if validate:  # name a bad key here; Flower itself only answers "[code: 15] Invalid run configuration"
+        from server_app.strategies import check_strategy_options
+
         defaults = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-        RunConfig.from_run_config({**defaults, **run_config})
+        check_strategy_options(RunConfig.from_run_config({**flatten_tables(defaults), **flatten_tables(run_config)}))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     marker = marker or f"sim-{uuid.uuid4().hex[:12]}"
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=7200)
     a = p.parse_args(argv)
-    rc = tomllib.loads("\n".join(shlex.split(a.run_config, posix=False))) if a.run_config else {}
+    rc = parse_run_config([a.run_config]) if a.run_config else {}
     run = run_simulation(rc, nodes=a.nodes, workdir=a.workdir, cpus_per_client=a.cpus_per_client,
                          gpus_per_client=a.gpus_per_client, timeout=a.timeout, echo=True)
     print(json.dumps({"run_id": run.run_id, "status": run.status, "wall_s": round(run.wall_s, 1),

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real MEx data is."""
+"""Shared fixtures: where the real MEx data is, and a window cache that lives in pytest's temporary folder."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def mex_path() -> Path:
     if path is None:
         pytest.skip("the real MEx zip is not available (set FEDTIME_DATA_PATH)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _window_cache_in_a_temporary_folder(tmp_path_factory):
+    """Tests never write into the user's ~/.cache: the real-data window caches go to pytest's temporary base
+    folder (kept across sessions there, so a second run reuses them); every process a test starts inherits it.
+    An explicit $FEDTIME_CACHE_DIR wins."""
+    from data_partition.constants import ENV_CACHE_DIR
+
+    if os.environ.get(ENV_CACHE_DIR):
+        yield
+        return
+    os.environ[ENV_CACHE_DIR] = str(tmp_path_factory.getbasetemp().parent / "fedtime-window-cache")
+    yield
+    os.environ.pop(ENV_CACHE_DIR, None)

@@ -1,7 +1,7 @@
 """Fixtures for the data_partition tests: synthetic MEx (folder / zip) and the real MEx cache.
 
-The real-data cache is built once per session (paper settings) into ``$FEDTIME_CACHE_DIR`` or
-``~/.cache/fedtime-magnet`` and reused across sessions (its key covers the archive's sha256 and
+The real-data cache is built once (paper settings) into ``$FEDTIME_CACHE_DIR`` (tests/conftest.py points it into
+pytest's temporary base folder) and reused across sessions (its key covers the archive's sha256 and
 every preprocessing parameter, so reuse is safe). Real-data tests skip when the zip is absent.
 """
 

@@ -5,6 +5,8 @@ The cache is built once (``real_cache`` session fixture) and reused across sessi
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import numpy as np
@@ -28,6 +30,8 @@ WINDOWS_PER_SUBJECT = {
 }  # fmt: skip
 TOTAL = 12406
 REFERENCE_TOTAL = 12505  # Time-MAGNET reference code (integer-second truncation)
+
+pytestmark = pytest.mark.slow  # the real MEx archive: builds its window cache
 
 
 def test_window_counts(real_cache):

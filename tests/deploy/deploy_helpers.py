@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from server_app.deploy import REPO_ROOT, pid_alive
-
-PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 
 def deploy_cli(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
@@ -30,22 +27,6 @@ def flower_available() -> bool:
 
 
 needs_flower = pytest.mark.skipif(not flower_available(), reason="flower-superlink/supernode not installed")
-
-
-def app_config_keys() -> set[str]:
-    return set(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
-
-
-def app_ready() -> str | None:
-    """None when the ServerApp/ClientApp import, else why not (the e2e tests skip with it)."""
-    for mod in ("server_app/server_app.py", "client_app/client_app.py"):
-        if not (REPO_ROOT / mod).exists():
-            return f"{mod} does not exist yet"
-    proc = subprocess.run([sys.executable, "-c", "import server_app.server_app, client_app.client_app"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        return "the apps do not import: " + proc.stderr.strip().splitlines()[-1]
-    return None
 
 
 def flower_processes_under(path: Path) -> list[tuple[int, str]]:

@@ -1,8 +1,8 @@
 """The real ServerApp and ClientApp under real processes on loopback: SuperLink + 3 SuperNodes with TLS and
 SuperNode authentication run 2 rounds of the tiny preset; the run's final status is read from the SuperLink
 (`flwr run` exits 0 even for failed runs) and results.json is checked. A second test kills one SuperNode in
-the middle of a round: the round completes with the others (or the run fails clearly), nothing hangs past
-the configured timeouts and no process is left behind."""
+the middle of a round: the round completes with the other two (min-train-replies = 2), nothing hangs past the
+configured timeouts and no process is left behind."""
 
 from __future__ import annotations
 
@@ -14,32 +14,18 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from deploy_helpers import app_config_keys, app_ready, deploy_cli, flower_processes_under, needs_flower
+from deploy_helpers import deploy_cli, flower_processes_under, needs_flower
 
 from server_app import deploy
 from server_app.deploy import REPO_ROOT, marked_pids
 
-pytestmark = needs_flower
-
-
-@pytest.fixture(scope="module")
-def app_usable():
-    why = app_ready()
-    if why:
-        pytest.skip(f"ServerApp/ClientApp not usable yet: {why}")
+pytestmark = [needs_flower, pytest.mark.slow]  # real SuperLink / SuperNode processes
 
 
 def tiny_config(mex_path: Path, out: Path, **overrides) -> dict:
-    rc = {"model-preset": "tiny", "num-server-rounds": 2, "clients-per-round": 3, "local-epochs": 1,
-          "data-path": str(mex_path), "output-dir": str(out)}
-    # what the tiny preset needs to be quick, when this version of the app declares the keys
-    optional = {"batch-size": 16, "grad-accum": 1, "lr": 3e-3}
-    keys = app_config_keys()
-    rc.update({k: v for k, v in optional.items() if k in keys})
-    rc.update(overrides)
-    unknown = set(rc) - keys
-    assert not unknown, f"pyproject [tool.flwr.app.config] lacks {unknown}"
-    return rc
+    return {"model-preset": "tiny", "num-server-rounds": 2, "clients-per-round": 3, "local-epochs": 1,
+            "batch-size": 16, "grad-accum": 1, "lr": 3e-3, "data-path": str(mex_path), "output-dir": str(out),
+            **overrides}
 
 
 def first_training_subjects(n: int) -> list[int]:
@@ -64,8 +50,7 @@ def home_flwr_snapshot() -> set[str]:
     return {str(p) for p in home.rglob("*")} if home.exists() else set()
 
 
-@pytest.mark.slow  # ~3 min on 2 shared cores: 2 rounds × 3 ClientApp processes that each import torch
-def test_tls_auth_federation_runs_two_tiny_rounds(app_usable, federation, mex_path, tmp_path):
+def test_tls_auth_federation_runs_two_tiny_rounds(federation, mex_path, tmp_path):
     before_home = home_flwr_snapshot()
     t0 = time.monotonic()
     # in-memory SuperLink state: the SQLite state (--database) is covered by the restart test in
@@ -76,7 +61,7 @@ def test_tls_auth_federation_runs_two_tiny_rounds(app_usable, federation, mex_pa
     assert dep.tls and dep.auth and len(dep.list_nodes()) == 3
 
     out = tmp_path / "outputs"
-    rc = tiny_config(mex_path, out, **({"run-name": "deploy-e2e"} if "run-name" in app_config_keys() else {}))
+    rc = tiny_config(mex_path, out, **{"run-name": "deploy-e2e"})
     rc_path = tmp_path / "run-config.toml"
     rc_path.write_text(tomli_w.dumps(rc))
     t1 = time.monotonic()
@@ -103,14 +88,14 @@ def test_tls_auth_federation_runs_two_tiny_rounds(app_usable, federation, mex_pa
           f"SuperLink elapsed {info.get('elapsed')}")
 
 
-def test_killed_supernode_mid_round_does_not_hang_or_leak(app_usable, federation, mex_path, tmp_path):
+def test_killed_supernode_mid_round_does_not_hang_or_leak(federation, mex_path, tmp_path):
     dep = federation("--data-path", str(mex_path), nodes=3, name="fault")
     victim = dep.proc("supernode-1")
     out = tmp_path / "outputs"
     round_timeout = 120
     rc = tiny_config(mex_path, out, **{"num-server-rounds": 1, "min-train-replies": 2,
                                        "round-timeout": float(round_timeout),
-                                       **({"run-name": "fault"} if "run-name" in app_config_keys() else {})})
+                                       "run-name": "fault"})
     t0 = time.monotonic()
     run_id = dep.submit(REPO_ROOT, rc)
 
@@ -130,15 +115,13 @@ def test_killed_supernode_mid_round_does_not_hang_or_leak(app_usable, federation
     t_end = time.monotonic() - t0
     log = run_log(dep, run_id)
     print(f"\nkilled supernode-1 at {t_kill:.1f}s; run {info['status']} at {t_end:.1f}s")
-    if info["status"] == deploy.FINISHED_OK:
-        results = results_of(out)
-        r1 = results["rounds"][0]
-        killed_subject = first_training_subjects(3)[1]
-        assert killed_subject not in r1["trained"] and len(r1["trained"]) == 2, r1
-        assert any(f["subject"] == killed_subject for f in r1["failures"]), r1
-    else:  # too few replies: the run must end with a clear error, not hang
-        assert info["status"] == "finished:failed", info
-        assert "min-train-replies" in log or "fewer than" in log, log[-3000:]
+    # two replies are enough (min-train-replies = 2): the round completes without the killed node, named
+    assert info["status"] == deploy.FINISHED_OK, f"{info}\n{log[-3000:]}"
+    results = results_of(out)
+    r1 = results["rounds"][0]
+    killed_subject = first_training_subjects(3)[1]
+    assert killed_subject not in r1["trained"] and len(r1["trained"]) == 2, r1
+    assert any(f["subject"] == killed_subject for f in r1["failures"]), r1
 
     # tear down by the CLI, then nothing we started may survive
     assert deploy_cli("down", "--workdir", dep.workdir, timeout=90).returncode == 0

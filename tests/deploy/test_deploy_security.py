@@ -11,7 +11,7 @@ from deploy_helpers import deploy_cli, needs_flower
 
 from server_app import deploy
 
-pytestmark = needs_flower
+pytestmark = [needs_flower, pytest.mark.slow]  # real SuperLink / SuperNode processes
 
 
 def wait_exit(proc: deploy.Proc, timeout: float) -> bool:

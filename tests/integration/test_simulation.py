@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 from model import trainable_state
 from model.state import model_from_checkpoint, read_checkpoint_header
-from server_app.config import ConfigError
+from fedtime.config import ConfigError
 from server_app.deploy import DeployError, marked_pids
 from server_app.simulation import run_simulation
 
 TINY = {"model-preset": "tiny", "local-epochs": 2, "batch-size": 16, "grad-accum": 1, "lr": 3e-3}
+
+pytestmark = pytest.mark.slow  # real Ray simulations on the real data
 
 
 def _config(mex_path: Path, out: Path, **kw) -> dict:
@@ -37,7 +39,8 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     for r in results["rounds"]:
         assert sorted(r["trained"]) == [2, 3, 6]  # partition ids 0..2 = the first three training subjects
-        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["failures"] == []
+        # what travelled: the serialized trainable state, once per client each way
+        assert r["bytes_down"] == r["bytes_up"] == 3 * results["model"]["trainable_bytes"] and r["failures"] == []
     best = results["best_round"]
     assert best == max(results["rounds"], key=lambda r: r["val_weighted_f1"])["round"]
     assert results["test"]["subjects"] == [1, 4, 8, 9, 21, 24]
@@ -51,6 +54,8 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
     best_model = model_from_checkpoint(run_dir / "best_model.safetensors")
     stored = load_file(str(run_dir / "best_model.safetensors"))
     assert sorted(stored) == sorted(trainable_state(best_model))
+    raw = sum(v.nbytes for v in stored.values())  # the arrays alone; serialization adds names and headers
+    assert raw <= results["model"]["trainable_bytes"] <= raw + 300 * len(stored)
     for k, v in trainable_state(best_model).items():
         torch.testing.assert_close(v, stored[k])
     assert read_checkpoint_header(run_dir / "best_model.safetensors")["meta"]["best_round"] == best

@@ -10,22 +10,25 @@ import pytest
 
 from server_app.deploy import marked_pids
 from server_app.simulation import run_simulation
-from server_app.strategy import STRATEGIES
+from server_app.strategies import STRATEGIES
 
 TINY = {"model-preset": "tiny", "local-epochs": 1, "batch-size": 16, "grad-accum": 1, "lr": 3e-3,
         "num-server-rounds": 2, "clients-per-round": 4, "patience": 0}
 
 CASES = {
     # seed 0 draws subjects 2 and 3 (of the nodes' 2, 3, 6, 7) among the third lacking the depth camera
-    "fedprox": {"proximal-mu": 0.1, "absent-modalities": "dc", "absent-fraction": 0.33,
+    "fedprox": {"fedprox.proximal-mu": 0.1, "absent-modalities": "dc", "absent-fraction": 0.33,
                 "modality-aware-averaging": True},
     # with the stronger single-sensor encoders (unimodal heads, accelerometer window statistics) and generators
     # distilled towards the fused prediction
-    "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "shapley-clusters": 2, "proxy-windows": 64,
-                  "unimodal-weight": 1.0, "acc-window-stats": True, "generator-objective": "prediction"},
+    "fedmobile": {"missing-rate": 0.5, "missing-at-eval": True, "fedmobile.shapley-clusters": 2,
+                  "fedmobile.proxy-windows": 64, "unimodal-weight": 1.0, "acc-window-stats": True,
+                  "fedmobile.generator-objective": "prediction"},
     "fedmedian": {"poison": "label-flip", "poison-clients": 1},
-    "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "trim-beta": 0.25},
-    "krum": {"poison": "scale", "poison-clients": 1, "num-malicious": 1},
+    "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "fedtrimmedavg.trim-beta": 0.25},
+    "krum": {"poison": "scale", "poison-clients": 1, "krum.num-malicious": 1},
+    # the worked example of docs/architecture.md ("Add a strategy"), run as a user would
+    "fedavg-slr": {"fedavg-slr.server-lr": 0.5},
 }
 
 

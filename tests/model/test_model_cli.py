@@ -19,6 +19,7 @@ def test_subject_batch_sampler_keeps_subjects_apart_and_covers_every_window():
     assert list(sampler) != first  # a new order every epoch
 
 
+@pytest.mark.slow  # the real data
 def test_centralized_cli_trains_and_writes_results(mex_path, tmp_path):
     res = main(["--preset", "tiny", "--epochs", "2", "--max-batches", "30", "--batch-size", "16", "--grad-accum", "1",
                 "--lr", "3e-3", "--data-path", str(mex_path), "--output-dir", str(tmp_path), "--run-name", "t",
@@ -39,14 +40,25 @@ def test_centralized_cli_shares_the_run_config_checks():
     import pytest
 
     from model.train import parse_args, run_config
-    from server_app.config import ConfigError
 
     cfg = run_config(parse_args(["--preset", "tiny", "--lr", "1e-3", "--run-config", "seed=3 fusion='concat'"]))
     assert (cfg.model_preset, cfg.lr, cfg.seed, cfg.fusion) == ("tiny", 1e-3, 3, "concat")
-    with pytest.raises(ConfigError, match="'lr' must be of type float"):
+    with pytest.raises(SystemExit, match="'lr' must be of type float"):
         run_config(parse_args(["--lr", "fast"]))
-    with pytest.raises(ConfigError, match="unknown run-config key 'nokey'"):
+    with pytest.raises(SystemExit, match="unknown run-config key 'nokey'"):
         run_config(parse_args(["--run-config", "nokey=1"]))
+    with pytest.raises(SystemExit, match="'lr' must be a finite number"):
+        run_config(parse_args(["--lr", "inf"]))
+
+
+@pytest.mark.parametrize("keys", ["missing-rate=0.5", "poison='label-flip' poison-clients=1", "strategy='fedprox'",
+                                  "fedprox.proximal-mu=0.5", "num-server-rounds=3", "clients-per-round=4"])
+def test_centralized_cli_refuses_keys_only_a_federation_has(keys):
+    """It trained as if they were not there before (a missing-rate run without missing modalities)."""
+    from model.train import parse_args, run_config
+
+    with pytest.raises(SystemExit, match="cannot honour federated keys: " + keys.split("=")[0]):
+        run_config(parse_args(["--run-config", keys]))
 
 
 def test_cli_reads_run_config_files_and_keys_without_overriding_them():
@@ -59,10 +71,12 @@ def test_cli_reads_run_config_files_and_keys_without_overriding_them():
     paper = str(Path(__file__).resolve().parents[2] / "conf" / "paper.toml")
     rc = run_config(parse_args(["--run-config", paper, "--run-config", "model-preset='tiny' modality-dropout=0.5"]))
     assert (rc.model_preset, rc.lr, rc.micro_batch, rc.normalization) == ("tiny", 1e-4, 8, "per_window")
-    assert rc.train_config().modality_dropout == 0.5
-    assert run_config(parse_args([])).train_config().lr == 1e-3  # the compact preset's own
+    from fedtime import task
+
+    assert task.train_config(rc).modality_dropout == 0.5
+    assert task.train_config(run_config(parse_args([]))).lr == 1e-3  # the compact preset's own
     # one source of defaults: the CLI without flags is pyproject.toml's run config (only its output folder differs)
-    from server_app.config import RunConfig
+    from fedtime.config import RunConfig
 
     assert run_config(parse_args([])).replace(output_dir=RunConfig().output_dir) == RunConfig()
     with pytest.raises(SystemExit, match="no such file"):

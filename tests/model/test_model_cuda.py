@@ -24,7 +24,7 @@ def _exact_fp32():
 
 
 def test_the_apps_pick_the_gpu():
-    from server_app import task
+    from fedtime import task
 
     assert task.device().type == "cuda"
     bf16 = torch.cuda.is_bf16_supported()

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -40,16 +42,37 @@ def test_frozen_base_unchanged_by_fit(tiny):
 
 
 def test_early_stopping_restores_best(tiny):
+    """The best epoch is not the last: validation labels are shifted by one class, so the better the model learns
+    the training task, the worse its validation loss. fit must stop after ``patience`` bad epochs and hand back the
+    best epoch's weights and BatchNorm statistics, not the last epoch's."""
+    from model.state import trainable_state
+
     torch.manual_seed(0)
     model = build_model(tiny, "magnet", ("act", "acw"), num_classes=3, seed=0)
-    train = separable_batches(tiny, 4, seed=1)
-    val = separable_batches(tiny, 2, seed=2)
-    cfg = TrainConfig(lr=3e-3, epochs=6, grad_accum=1, patience=2, monitor="loss", seed=0)
-    hist = fit(model, train, cfg, device="cpu", val_loader=val, log=None)
-    best = min(h["val_loss"] for h in hist)
-    assert hist[-1]["best_epoch"] == min(hist, key=lambda h: h["val_loss"])["epoch"]
-    assert evaluate(model, val, "cpu")["loss"] == pytest.approx(best, rel=1e-5, abs=1e-6)
+    train = separable_batches(tiny, 4, seed=3)
+    val = [dict(b, y=(b["y"] + 1) % 3) for b in separable_batches(tiny, 2, seed=2)]
+    snapshots = []  # the trainable state at the end of each epoch, as validation sees it
+
+    def validate(m):
+        snapshots.append(trainable_state(m))
+        return evaluate(m, val, "cpu")
+
+    cfg = TrainConfig(lr=1e-2, epochs=6, grad_accum=2, patience=2, monitor="loss", seed=0)
+    hist = fit(model, train, cfg, device="cpu", validate=validate, log=None)
+    best = min(hist, key=lambda h: h["val_loss"])
+    assert best["epoch"] < hist[-1]["epoch"] == len(snapshots) < cfg.epochs  # stopped early, after the best
+    assert hist[-1]["epoch"] - best["epoch"] == cfg.patience
+    assert hist[-1]["best_epoch"] == best["epoch"]
+    final = trainable_state(model)
+    assert all(torch.equal(final[k], snapshots[best["epoch"] - 1][k]) for k in final)
+    assert any(not torch.equal(final[k], snapshots[-1][k]) for k in final)
+    assert evaluate(model, val, "cpu")["loss"] == best["val_loss"]
     assert all("val_weighted_f1" in h and "lr" in h for h in hist)
+    # val_loader: the same validation, run by fit itself
+    again = build_model(tiny, "magnet", ("act", "acw"), num_classes=3, seed=0)
+    hist2 = fit(again, train, cfg, device="cpu", val_loader=val, log=None)
+    assert [h["val_loss"] for h in hist2] == [h["val_loss"] for h in hist]
+    assert all(torch.equal(v, final[k]) for k, v in trainable_state(again).items())
 
 
 def test_proximal_gradient_is_mu_times_difference():
@@ -68,8 +91,8 @@ def test_fedprox_anchor_in_fit(tiny):
     """With a huge mu the trainable weights stay at the anchor (the global model)."""
     model = build_model(tiny, "concat", ("act",), seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    fit(model, separable_batches(tiny, 4), TrainConfig(lr=1e-3, epochs=1, grad_accum=1), device="cpu",
-        proximal_mu=1e4, log=None)
+    fit(model, separable_batches(tiny, 4), TrainConfig(lr=1e-3, epochs=1, grad_accum=1, proximal_mu=1e4),
+        device="cpu", log=None)
     drift_prox = sum((p - before[n]).abs().sum() for n, p in model.named_parameters() if p.requires_grad)
     model2 = build_model(tiny, "concat", ("act",), seed=0)
     fit(model2, separable_batches(tiny, 4), TrainConfig(lr=1e-3, epochs=1, grad_accum=1), device="cpu", log=None)
@@ -230,3 +253,46 @@ def test_micro_batch_takes_the_same_optimizer_step_as_accumulation(tiny, monkeyp
     assert sum(int(g.abs().sum() > 0) for g in after[0].values()) > len(after[0]) // 2  # a real step
     for n in after[0]:
         assert torch.allclose(after[0][n], after[1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_every_loss_term_reaches_the_objective_by_name(tiny):
+    """Each named loss term of a batch (cross-entropy, MoE balance, generators' distillation, unimodal heads,
+    FedProx) enters the objective with its TrainConfig weight and is reported in the history; the parts that one
+    term alone trains (unimodal heads, generators) move only when that term is weighted in."""
+    from model.training import Objective
+
+    weights = {"ce": 1.0, "aux": 0.1, "prox": 1.0, "generator": 0.7, "unimodal": 0.3}  # ce, prox: unweighted
+    cfg = TrainConfig(lr=1e-2, epochs=1, grad_accum=1, weight_decay=0.0, seed=0, aux_weight=0.1,
+                      generator_weight=0.7, unimodal_weight=0.3)
+
+    def new_model():
+        return build_model(tiny, "magnet", ("act", "acw"), num_classes=3, seed=0, latent_generators=True,
+                           unimodal_heads=True)
+
+    model = new_model().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = Objective(model, cfg, params, torch.device("cpu"), None, None, proximal_mu=0.5)
+    _, terms = objective.terms(separable_batches(tiny, 1)[0])
+    assert tuple(terms) == objective.names == ("ce", "aux", "generator", "unimodal", "prox")
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in terms.items()}
+    objective.total(leaves).backward()
+    assert {k: None if v.grad is None else float(v.grad) for k, v in leaves.items()} == pytest.approx(weights)
+
+    data = separable_batches(tiny, 3)
+
+    def moved_after_fit(c):
+        m = new_model()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        hist = fit(m, data, dataclasses.replace(c, proximal_mu=0.5), device="cpu", log=None)
+        moved = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+        parts = ("unimodal_heads", "generators")
+        return hist[0], {part: any(n.startswith(part + ".") for n in moved) for part in parts}
+
+    rec, moved = moved_after_fit(cfg)
+    assert moved == {"unimodal_heads": True, "generators": True}
+    assert all(rec[f"train_{k}"] > 0 for k in ("ce", "prox", "generator", "unimodal"))
+    assert rec["train_loss"] == pytest.approx(sum(w * rec[f"train_{k}"] for k, w in weights.items()), rel=1e-12)
+    off = TrainConfig(**{**cfg.to_dict(), "generator_weight": 0.0, "unimodal_weight": 0.0})
+    rec, moved = moved_after_fit(off)
+    assert moved == {"unimodal_heads": False, "generators": False}
+    assert "train_generator" in rec and "train_unimodal" not in rec  # generators report their loss even unweighted

@@ -8,11 +8,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from server_app.config import ConfigError, RunConfig
+from fedtime.config import ConfigError, RunConfig
 from server_app.contribution import clustered_shapley_weights, contribution_weights, kmeans, shapley_values
 from server_app.run_store import arrays_to_numpy, numpy_to_arrays
-from server_app.scenario import Scenario
-from server_app.strategy import FederationError, MagnetFedMobile, build_strategy
+from fedtime.scenario import Scenario
+from server_app.strategies import FederationError, MagnetFedMobile
+from test_strategy import make_strategy
 
 from test_strategy import PAPER_TRAIN, ScriptedGrid, _task_identity  # noqa: F401  (autouse fixture)
 
@@ -106,14 +107,14 @@ def test_fedmobile_round_uses_contribution_and_shapley_weights(tmp_path):
     subjects = [2, 3, 6]
     spec = {2: (1.0, 100, 0.8, 1.0, 0.5, 1.0), 3: (2.0, 300, 0.4, 1.0, 0.9, 1.1), 6: (4.0, 100, 0.8, 1.0, 1.2, 9.0)}
     grid = ScriptedGrid(subjects, lambda s, m: mobile_reply(*spec[s]))
-    strat = build_strategy("fedmobile", clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
-                           local_val_fraction=0.2, shapley_clusters=2, generator_proxy=ToyProxy())
+    strat = make_strategy("fedmobile", subjects, 3, keys={"fedmobile.local-val-fraction": 0.2,
+                                                         "fedmobile.shapley-clusters": 2}, generator_proxy=ToyProxy())
     assert isinstance(strat, MagnetFedMobile)
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32),
                                                                "generators.nets.0.weight": np.zeros(1, np.float32),
                                                                "generators.quality": np.zeros(2, np.float32)}),
-                                     ConfigRecord({}), timeout=5)
+                                     ConfigRecord(strat.client_config()), timeout=5)
     assert all(m.content["config"]["local-val-fraction"] == 0.2 for m in grid.sent if m.metadata.message_type == "train")
     # samples .2/.6/.2, F1 .4/.2/.4, gains .5/.1/0 -> shares 5/6, 1/6, 0
     expected = (np.array([0.2, 0.6, 0.2]) + np.array([0.4, 0.2, 0.4]) + np.array([5 / 6, 1 / 6, 0])) / 3
@@ -143,13 +144,13 @@ def test_fedmobile_gives_generators_that_output_nan_no_weight(tmp_path):
     subjects = [2, 3, 6]
     spec = {2: (1.0, 100, 0.8, 1.0, 0.5, 1.0), 3: (2.0, 300, 0.4, 1.0, 0.9, 1.1), 6: (4.0, 100, 0.8, 1.0, 1.2, -5.0)}
     grid = ScriptedGrid(subjects, lambda s, m: mobile_reply(*spec[s]))
-    strat = build_strategy("fedmobile", clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
-                           local_val_fraction=0.2, shapley_clusters=2, generator_proxy=NaNProxy())
+    strat = make_strategy("fedmobile", subjects, 3, keys={"fedmobile.local-val-fraction": 0.2,
+                                                         "fedmobile.shapley-clusters": 2}, generator_proxy=NaNProxy())
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32),
                                                                "generators.nets.0.weight": np.zeros(1, np.float32),
                                                                "generators.quality": np.zeros(2, np.float32)}),
-                                     ConfigRecord({}), timeout=5)
+                                     ConfigRecord(strat.client_config()), timeout=5)
     gen = info["aggregation"]["generators"]
     assert gen["rejected"] == [6] and gen["weights"]["6"] == 0.0 and "6" not in gen["clusters"]
     out = arrays_to_numpy(arrays)
@@ -163,10 +164,9 @@ def test_fedmobile_weighs_an_unmeasurable_contribution_as_zero(tmp_path):
     subjects = [2, 3, 6]
     spec = {2: (1.0, 100, 0.8, 1.0, 0.5), 3: (2.0, 300, 0.4, 1.0, 0.9), 6: (4.0, 100, np.nan, np.nan, 1.2)}
     grid = ScriptedGrid(subjects, lambda s, m: mobile_reply(*spec[s]))
-    strat = build_strategy("fedmobile", clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
-                           local_val_fraction=0.2)
+    strat = make_strategy("fedmobile", subjects, 3, keys={"fedmobile.local-val-fraction": 0.2})
     strat.discover(grid, timeout=5)
-    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32)}), ConfigRecord({}),
+    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(2, np.float32)}), ConfigRecord(strat.client_config()),
                                      timeout=5)
     # samples .2/.6/.2, F1 2/3, 1/3, 0, gains .5/.1/0 -> 5/6, 1/6, 0
     expected = (np.array([0.2, 0.6, 0.2]) + np.array([2 / 3, 1 / 3, 0]) + np.array([5 / 6, 1 / 6, 0])) / 3
@@ -179,11 +179,11 @@ def test_fedmobile_needs_local_validation_metrics(tmp_path):
     from test_strategy import reply
 
     grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 5))
-    strat = build_strategy("fedmobile", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3])
+    strat = make_strategy("fedmobile", [2, 3], 2)
     strat.discover(grid, timeout=5)
     with pytest.raises(FederationError, match="local validation"):
         strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.float32)}),
-                          ConfigRecord({}), timeout=5)
+                          ConfigRecord(strat.client_config()), timeout=5)
 
 
 # ------------------------------------------------------------------ scenarios
@@ -228,8 +228,6 @@ def test_absent_modality_clients_and_poisoned_clients():
     ({"absent-modalities": "act,acw,dc,pm"}, "absent-modalities"),
     ({"poison": "label-flip"}, "poison"),
     ({"poison": "backdoor", "poison-clients": 1}, "poison"),
-    ({"local-val-fraction": 0.6}, "local-val-fraction"),
-    ({"fedmobile-samples-weight": 0.0, "fedmobile-perf-weight": 0.0, "fedmobile-gain-weight": 0.0}, "fedmobile"),
 ])
 def test_scenario_and_fedmobile_keys_are_validated(kw, key):
     with pytest.raises(ConfigError, match=key):
@@ -237,17 +235,19 @@ def test_scenario_and_fedmobile_keys_are_validated(kw, key):
 
 
 # ------------------------------------------------------------------ the proxy set (real data, tiny model)
+@pytest.mark.slow  # the real data
 def test_generator_proxy_embeds_each_subject_with_its_own_batchnorm_statistics(mex_path):
     import torch
 
     from model import trainable_state
-    from server_app import task
-    from server_app.config import RunConfig
+    from fedtime import task
+    from fedtime.config import RunConfig
     from server_app.proxy import GeneratorProxy
 
     cfg = RunConfig.from_run_config({"model-preset": "tiny", "strategy": "fedmobile", "data-path": str(mex_path)})
-    proxy = GeneratorProxy(cfg, [5, 25], size=20, seed=0)
-    model = task.model_for(cfg)
+    options = {"latent_generators": True, "generator_objective": "embedding"}
+    proxy = GeneratorProxy(cfg, options, [5, 25], size=20, seed=0)
+    model = task.model_for(cfg, options)
     state = {k: v.numpy() for k, v in trainable_state(model).items()}
     proxy.prepare(state)
     assert proxy.embeddings.shape == (20, 4, model.cfg.d_emb)
@@ -263,6 +263,7 @@ def test_generator_proxy_embeds_each_subject_with_its_own_batchnorm_statistics(m
     assert len(r2) == 4 and all(v <= 1e-6 for v in r2)
 
 
+@pytest.mark.slow  # the real data
 def test_generator_proxy_scores_prediction_generators_by_the_cross_entropy_they_save(mex_path):
     """generator-objective="prediction": the proxy's quality is the fused cross-entropy with a modality left out
     minus with it generated, through each subject's own BatchNorm statistics (as the model evaluates them)."""
@@ -270,14 +271,15 @@ def test_generator_proxy_scores_prediction_generators_by_the_cross_entropy_they_
 
     from model import trainable_state
     from model.training import each_subject
-    from server_app import task
+    from fedtime import task
     from server_app.proxy import GeneratorProxy
 
     cfg = RunConfig.from_run_config({"model-preset": "tiny", "strategy": "fedmobile", "data-path": str(mex_path),
-                                     "generator-objective": "prediction"})
-    model = task.model_for(cfg)
+                                     "fedmobile.generator-objective": "prediction"})
+    options = MagnetFedMobile.options_for(MagnetFedMobile.read_params(cfg))
+    model = task.model_for(cfg, options)
     assert model.cfg.generator_objective == "prediction" and model.generators.gate == 0.0
-    proxy = GeneratorProxy(cfg, [5, 25], size=20, seed=0)
+    proxy = GeneratorProxy(cfg, options, [5, 25], size=20, seed=0)
     state = {k: v.numpy() for k, v in trainable_state(model).items()}
     proxy.prepare(state)
     # the head's loss on all four real embeddings is the model's own loss on those windows, subject by subject
@@ -302,10 +304,16 @@ def test_generator_proxy_scores_prediction_generators_by_the_cross_entropy_they_
         float((proxy._head_loss(proxy.embeddings, avail) - proxy._head_loss(proxy.embeddings, with_real)).mean()))
 
 
-def test_generator_objective_is_validated_and_reaches_the_model():
-    assert RunConfig.from_run_config({"strategy": "fedmobile", "generator-objective": "prediction"}
-                                     ).model_options["generator_objective"] == "prediction"
-    with pytest.raises(ConfigError, match="generator-objective"):
-        RunConfig.from_run_config({"strategy": "fedmobile", "generator-objective": "logits"})
-    with pytest.raises(ConfigError, match="generator-objective.*fedmobile"):
-        RunConfig.from_run_config({"strategy": "fedavg", "generator-objective": "prediction"})
+def test_fedmobile_owns_its_model_options_and_client_settings():
+    """Its generator objective reaches every party's model through its model options, which travel with its
+    client settings in every round's train config (test_strategy.py checks refused values)."""
+    cfg = RunConfig.from_run_config({"strategy": "fedmobile", "fedmobile.generator-objective": "prediction",
+                                     "fedmobile.local-val-fraction": 0.2, "fedmobile.generator-weight": 2.0})
+    strat = MagnetFedMobile(cfg, MagnetFedMobile.read_params(cfg), train_subjects=[2, 3])
+    assert strat.model_options() == {"latent_generators": True, "generator_objective": "prediction"}
+    assert strat.client_config() == {"model.latent_generators": True, "model.generator_objective": "prediction",
+                                     "local-val-fraction": 0.2, "generator-weight": 2.0}
+    from fedtime import task
+
+    assert task.train_config(cfg, strat.client_config()).generator_weight == 2.0
+    assert task.options_from_message(strat.client_config()) == strat.model_options()

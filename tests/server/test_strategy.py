@@ -9,9 +9,11 @@ from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtime.config import ConfigError, RunConfig
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
-from server_app.strategy import (ClientSampler, EarlyStopping, FederationError, MagnetFedAvg, MagnetFedProx,
-                                 build_strategy, paper_shuffle_order, weighted_average)
+from server_app.strategies import (STRATEGIES, ClientSampler, EarlyStopping, FederationError, MagnetFedAvg,
+                                   MagnetFedProx, build_strategy, check_strategy_options, paper_shuffle_order,
+                                   weighted_average)
 
 PAPER_TRAIN = [2, 3, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22, 23, 26, 27, 28, 30]
 # the reference script's draws (random.seed(42), shuffle, then random.sample(clients, 9) per round)
@@ -23,6 +25,16 @@ PAPER_ROUNDS = [[19, 12, 20, 7, 22, 10, 23, 11, 27], [10, 27, 11, 30, 3, 26, 22,
 def _task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+def make_strategy(name: str, subjects: list[int], k: int, *, patience: int = 1, store=None, keys=None,
+                  **components):
+    """Strategy `name` from a run config (its table's keys dotted, e.g. {"fedprox.proximal-mu": 0.1}), as the
+    ServerApp builds it, over `subjects`; `components` are injected (FedMobile's proxy set)."""
+    cfg = RunConfig.from_run_config({"strategy": name, "clients-per-round": k, "patience": patience, **(keys or {})})
+    check_strategy_options(cfg)
+    cls = STRATEGIES[name]
+    return cls(cfg, cls.read_params(cfg), train_subjects=subjects, store=store, **components)
 
 
 class ScriptedGrid(Grid):
@@ -106,8 +118,7 @@ def test_early_stopping_keeps_best_and_stops_after_patience():
 
 def _strategy(tmp_path, subjects, k, **kw):
     store = RunStore(tmp_path / "run", {"num-server-rounds": 3}, resume=False)
-    return MagnetFedAvg(clients_per_round=k, patience=kw.pop("patience", 5), split_seed=42,
-                        train_subjects=subjects, store=store, **kw)
+    return make_strategy("fedavg", subjects, k, patience=kw.pop("patience", 5), store=store, **kw)
 
 
 def test_round_aggregates_weighted_and_skips_failed_reply(tmp_path):
@@ -124,14 +135,17 @@ def test_round_aggregates_weighted_and_skips_failed_reply(tmp_path):
     grid.dead = {6}
     strat = _strategy(tmp_path, subjects, 3)
     strat.discover(grid, timeout=5)
-    arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
-                                                               "b": np.zeros(1, np.float32)}),
-                                     _empty_config(), timeout=5)
+    start = numpy_to_arrays({"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.float32)})
+    arrays, info = strat.train_round(grid, 1, start, _empty_config(), timeout=5)
     out = arrays_to_numpy(arrays)
     np.testing.assert_allclose(out["w"], (1.0 * 100 + 3.0 * 300) / 400)
     assert info["trained"] == [2, 3] and [f["subject"] for f in info["failures"]] == [6]
     assert info["train_loss"] == pytest.approx((1.0 * 100 + 3.0 * 300) / 400)
-    assert info["bytes_up"] > 0 and info["bytes_down"] > 0
+    # bytes as serialized: the global model to each of the 3 sampled clients, a reply from each of the 2 that
+    # answered (28 bytes of float32 arrays each, plus their names and headers)
+    one = start.count_bytes()
+    assert 28 <= one < 28 + 2 * 200 and info["bytes_down"] == 3 * one
+    assert info["bytes_up"] == 2 * reply(1.0, 100)["arrays"].count_bytes() == 2 * one
 
 
 def test_round_rejects_a_reply_with_nonfinite_arrays(tmp_path):
@@ -202,13 +216,13 @@ def test_a_stopped_run_resumed_with_a_longer_patience_continues(tmp_path):
     w0 = numpy_to_arrays({"w": np.zeros((2, 3), np.float32)})
     _strategy(tmp_path, subjects, 9, patience=2).start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
     # same patience: the resumed run is already stopped and trains nothing
-    same = MagnetFedAvg(clients_per_round=9, patience=2, split_seed=42, train_subjects=subjects,
-                        store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 2}, resume=True))
+    same = make_strategy("fedavg", subjects, 9, patience=2,
+                         store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 2}, resume=True))
     same.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
     assert [r["round"] for r in same.store.results["rounds"]] == [1, 2, 3, 4]
     # longer patience: rounds 5 and 6 run, the best-round count carries over (round 5 is the 3rd without gain)
-    longer = MagnetFedAvg(clients_per_round=9, patience=4, split_seed=42, train_subjects=subjects,
-                          store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 4}, resume=True))
+    longer = make_strategy("fedavg", subjects, 9, patience=4,
+                           store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 4}, resume=True))
     result = longer.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
     rounds = longer.store.results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
@@ -217,16 +231,63 @@ def test_a_stopped_run_resumed_with_a_longer_patience_continues(tmp_path):
     assert longer.store.results["config"]["patience"] == 4
 
 
-def test_fedprox_sends_mu_and_registry_builds_by_name(tmp_path):
+def test_fedprox_sends_mu_in_flowers_train_config_and_registry_builds_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
     grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 5))
-    strat = build_strategy("fedprox", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3],
-                           proximal_mu=0.1)
-    assert isinstance(strat, MagnetFedProx)
+    cfg = RunConfig.from_run_config({"strategy": "fedprox", "clients-per-round": 2, "patience": 1,
+                                     "fedprox.proximal-mu": 0.1})
+    strat = build_strategy(cfg, split=SimpleNamespace(train=(2, 3), val=(5,)))
+    assert isinstance(strat, MagnetFedProx) and strat.params.proximal_mu == 0.1
+    assert strat.client_config() == {"proximal-mu": 0.1}
     strat.discover(grid, timeout=5)
-    strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros(1, np.float32)}), _empty_config(), timeout=5)
-    assert all(m.content["config"]["proximal-mu"] == 0.1 for m in grid.sent if m.metadata.message_type == "train")
-    with pytest.raises(ValueError, match="unknown strategy"):
-        build_strategy("nope")
+    strat.train_round(grid, 4, numpy_to_arrays({"w": np.zeros(1, np.float32)}), ConfigRecord(strat.client_config()),
+                      timeout=5)
+    sent = [dict(m.content["config"]) for m in grid.sent if m.metadata.message_type == "train"]
+    assert sent == [{"proximal-mu": 0.1, "server-round": 4}] * 2
+    with pytest.raises(ConfigError, match="'strategy' must be one of"):
+        build_strategy(cfg.replace(strategy="nope"), split=SimpleNamespace(train=(2, 3)))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"fedprox.mu": 0.1}, "unknown run-config key 'fedprox.mu' (known keys: fedprox.proximal-mu)"),
+    ({"fedproxx.proximal-mu": 0.1}, "run-config table 'fedproxx' names no strategy"),
+    ({"fedprox.proximal-mu": "big"}, "'fedprox.proximal-mu' must be of type float"),
+    ({"fedprox.proximal-mu": float("nan")}, "'fedprox.proximal-mu' must be a finite number"),
+    ({"fedprox.proximal-mu": -1.0}, "'fedprox.proximal-mu' must be >= 0"),
+    ({"fedtrimmedavg.trim-beta": 0.5}, "'fedtrimmedavg.trim-beta' must be < 0.5"),
+    ({"fedavg.proximal-mu": 0.1}, "unknown run-config key 'fedavg.proximal-mu' (known keys: none)"),
+    ({"fedmobile.samples-weight": 0.0, "fedmobile.perf-weight": 0.0, "fedmobile.gain-weight": 0.0}, "cannot all be 0"),
+    ({"fedmobile.generator-objective": "logits"}, "'fedmobile.generator-objective' must be one of"),
+    ({"strategy": "krum", "modality-aware-averaging": True}, "'modality-aware-averaging' applies to the weighted-mean"),
+])
+def test_a_strategy_refuses_bad_keys_of_its_own_table_naming_them(keys, message):
+    """Misspelled or out-of-range strategy keys fail loudly, for the chosen strategy and the others alike."""
+    import re
+
+    from types import SimpleNamespace
+
+    from tests.server.test_config import pyproject_run_config
+
+    cfg = RunConfig.from_run_config({**pyproject_run_config(), **keys})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_strategy(cfg, split=SimpleNamespace(train=(2, 3), val=(5,)))
+
+
+def test_every_strategy_declares_its_keys_and_pyproject_holds_their_defaults():
+    """One source: a strategy's `Params` defaults are its pyproject table, and every table names a strategy."""
+    import dataclasses
+
+    from tests.server.test_config import pyproject_run_config
+
+    cfg = RunConfig.from_run_config(pyproject_run_config())
+    assert set(cfg.strategy_options) <= set(STRATEGIES)
+    for name, cls in STRATEGIES.items():
+        assert cls.read_params(cfg) == cls.Params(), name
+        declared = {f.name.replace("_", "-") for f in dataclasses.fields(cls.Params)}
+        assert set(cfg.options_of(name)) == declared, name
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -238,8 +299,7 @@ def test_robust_aggregation_resists_an_outlier(name, expected):
     subjects = [2, 3, 6, 7]
     value = {2: 1.0, 3: 2.0, 6: 3.0, 7: 100.0}
     grid = ScriptedGrid(subjects, lambda s, m: reply(value[s], 10))
-    strat = build_strategy(name, clients_per_round=4, patience=1, split_seed=42, train_subjects=subjects,
-                           trim_beta=0.25, num_malicious=1)
+    strat = make_strategy(name, subjects, 4, keys={"fedtrimmedavg.trim-beta": 0.25, "krum.num-malicious": 1})
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
                                                                "b": np.zeros(1, np.float32)}),
@@ -258,8 +318,7 @@ def test_krum_records_the_subject_it_selected(tmp_path):
     subjects = [2, 3, 6, 7, 8]
     value = {2: 1.0, 3: 2.0, 6: 2.5, 7: 4.0, 8: 100.0}
     grid = ScriptedGrid(subjects, lambda s, m: reply(value[s], 10))
-    strat = build_strategy("krum", clients_per_round=5, patience=1, split_seed=42, train_subjects=subjects,
-                           num_malicious=1)
+    strat = make_strategy("krum", subjects, 5, keys={"krum.num-malicious": 1})
     strat.discover(grid, timeout=5)
     arrays, info = strat.train_round(grid, 1, numpy_to_arrays({"w": np.zeros((2, 3), np.float32),
                                                                "b": np.zeros(1, np.float32)}),
@@ -287,8 +346,8 @@ def test_modality_aware_averaging_weighs_each_encoder_by_the_windows_that_have_i
                                                                    "fusion.w")})
     outs = {}
     for aware in (False, True):
-        strat = build_strategy(name, clients_per_round=3, patience=1, split_seed=42, train_subjects=subjects,
-                               modality_aware_averaging=aware, proximal_mu=0.1)
+        strat = make_strategy(name, subjects, 3, keys={"modality-aware-averaging": aware,
+                                                       "fedprox.proximal-mu": 0.1})
         strat.discover(grid, timeout=5)
         arrays, info = strat.train_round(grid, 1, init, _empty_config(), timeout=5)
         outs[aware] = (arrays_to_numpy(arrays), info)
@@ -305,8 +364,7 @@ def test_modality_aware_averaging_weighs_each_encoder_by_the_windows_that_have_i
 
 def test_modality_aware_averaging_names_a_client_without_presence_counts():
     grid = ScriptedGrid([2, 3], lambda s, m: reply(1.0, 10))
-    strat = build_strategy("fedavg", clients_per_round=2, patience=1, split_seed=42, train_subjects=[2, 3],
-                           modality_aware_averaging=True)
+    strat = make_strategy("fedavg", [2, 3], 2, keys={"modality-aware-averaging": True})
     strat.discover(grid, timeout=5)
     init = numpy_to_arrays({"encoders.dc.cnn.w": np.zeros(2, np.float32)})
     grid.behaviour = lambda s, m: RecordDict({"arrays": numpy_to_arrays({"encoders.dc.cnn.w": np.ones(2, np.float32)}),
@@ -333,3 +391,34 @@ def test_store_keeps_the_last_rounds_and_averages_them(tmp_path):
     from server_app.run_store import save_arrays
     save_arrays(store.round_path(6), {"w": np.full((2, 2), 60.0, np.float32)})
     np.testing.assert_allclose(store.last_rounds_average(3)[1]["w"], np.full((2, 2), 4.0))
+
+
+def test_fedavg_slr_steps_the_server_lr_of_the_way_to_the_mean():
+    """server-lr 0.5 from global 2: mean (1·100 + 3·300)/400 = 2.5 -> 2.25; counters are FedAvg's mean."""
+    from flwr.app import ConfigRecord
+
+    subjects = [2, 3]
+    values = {2: (1.0, 100), 3: (3.0, 300)}
+    grid = ScriptedGrid(subjects, lambda s, m: reply(*values[s]))
+    strat = make_strategy("fedavg-slr", subjects, 2, keys={"fedavg-slr.server-lr": 0.5})
+    strat.discover(grid, timeout=5)
+    start = numpy_to_arrays({"w": np.full((2, 3), 2.0, np.float32), "b": np.full(1, 2.0, np.float32)})
+    arrays, _ = strat.train_round(grid, 1, start, ConfigRecord({}), timeout=5)
+    np.testing.assert_allclose(arrays_to_numpy(arrays)["w"], 2.0 + 0.5 * (2.5 - 2.0))
+    fedavg = make_strategy("fedavg-slr", subjects, 2, keys={"fedavg-slr.server-lr": 1.0})
+    fedavg.discover(grid, timeout=5)
+    np.testing.assert_allclose(arrays_to_numpy(fedavg.train_round(grid, 1, start, ConfigRecord({}), timeout=5)[0])["w"],
+                               2.5)
+
+
+def test_the_add_a_strategy_example_in_the_docs_is_the_registered_file():
+    """docs/architecture.md shows the whole of server_app/strategies/fedavg_slr.py; registered in one line."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (root / "server_app" / "strategies" / "fedavg_slr.py").read_text()
+    assert f"```python\n{code}```" in (root / "docs" / "architecture.md").read_text()
+    assert len(code.splitlines()) <= 40
+    registry = (root / "server_app" / "strategies" / "__init__.py").read_text()
+    assert registry.count("MagnetFedAvgSLR") == 3  # import, register line, __all__
+    assert STRATEGIES["fedavg-slr"].__name__ == "MagnetFedAvgSLR"

@@ -1,9 +1,11 @@
-"""Glue both sides of the federation share: data and model built the same way from a RunConfig."""
+"""Data, model and training settings built the same way from a RunConfig, by the ServerApp, the ClientApp, the
+centralized trainer and the benches."""
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -11,8 +13,8 @@ import torch
 from data_partition import (PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split,
                             resolve_source)
 from model import PRESETS, build_model
-from server_app.config import RunConfig
-from server_app.scenario import Scenario
+from fedtime.config import RunConfig
+from fedtime.scenario import Scenario
 
 
 def device() -> torch.device:
@@ -89,10 +91,40 @@ def _model(preset: str, fusion: str, modalities: tuple[str, ...], options: tuple
     return build_model(preset, fusion=fusion, modalities=modalities, **dict(options))
 
 
-def model_for(cfg: RunConfig) -> torch.nn.Module:
+def model_for(cfg: RunConfig, options: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """A process-wide model instance; callers load the trainable state they need into it. Everything that
-    changes during training travels in that state, so reuse across rounds is safe."""
-    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list, tuple(sorted(cfg.model_options.items())))
+    changes during training travels in that state, so reuse across rounds is safe. `options`: the strategy's model
+    options (`Strategy.model_options`; a client reads them from its message, `options_from_message`)."""
+    merged = {**cfg.model_options, **(options or {})}
+    return _model(cfg.model_preset, cfg.fusion, cfg.modality_list, tuple(sorted(merged.items())))
+
+
+MODEL_PREFIX = "model."  # strategy model options travel in the round's config as `model.<option>`
+
+
+def options_to_message(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {MODEL_PREFIX + k: v for k, v in options.items()}
+
+
+def options_from_message(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k[len(MODEL_PREFIX):]: v for k, v in config.items() if k.startswith(MODEL_PREFIX)}
+
+
+def train_config(cfg: RunConfig, round_config: Mapping[str, Any] | None = None, epochs: int | None = None):
+    """The model's TrainConfig for this run: the one route by which training settings reach the loop, for a
+    client (the run config plus what its strategy sends in the round's config: `proximal-mu`, `generator-weight`),
+    the centralized trainer and the benches. Its `batch_size` is the forward pass's (build the training loader
+    with it) and `grad_accum` the forward passes per optimizer step, so every micro-batch setting takes the same
+    optimizer steps of `optimizer_batch` windows."""
+    from model import TrainConfig
+
+    sent = dict(round_config or {})
+    return TrainConfig(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, batch_size=cfg.forward_batch,
+                       grad_accum=cfg.optimizer_batch // cfg.forward_batch, epochs=epochs or cfg.local_epochs,
+                       patience=cfg.patience, amp=cfg.amp, modality_dropout=cfg.modality_dropout,
+                       unimodal_weight=cfg.unimodal_weight,
+                       generator_weight=float(sent.get("generator-weight", 1.0)),
+                       proximal_mu=float(sent.get("proximal-mu", 0.0)))
 
 
 def set_threads(cfg: RunConfig) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from data_partition.constants import MODALITIES
 from data_partition.simulate import drop_modalities, flip_labels, full_masks, sample_missing_masks, select_clients
-from server_app.config import RunConfig
+from fedtime.config import RunConfig
 
 
 @dataclass(frozen=True)

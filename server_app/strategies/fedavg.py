@@ -1,4 +1,5 @@
-"""Strategies: FedAvg for Time-MAGNET with subject-aware sampling, early stopping and checkpoint/resume.
+"""FedAvg for Time-MAGNET, and the base every strategy extends: subject-aware sampling, early stopping and
+checkpoint/resume.
 
 Flower's `Strategy.start` loops 1..N with no stop hook, no resume and samples node ids with the global
 `random`; this module overrides `start` so that a run
@@ -8,6 +9,10 @@ Flower's `Strategy.start` loops 1..N with no stop hook, no resume and samples no
   * validates on the server after every round, keeps the best round and stops after `patience` rounds
     without improvement;
   * checkpoints global/best weights plus sampler and early-stopping state after every round.
+
+A strategy owns its configuration: `Params` (a dataclass of its own keys, the run config's `[<name>]` table),
+`model_options` (what the model needs for it) and `client_config` (what its clients receive every round, in
+Flower's train config). `from_config` builds it from a RunConfig; docs/architecture.md, "Add a strategy".
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Result
+from flwr.serverapp.strategy import FedAvg, Result
 
+from fedtime.config import ConfigError, RunConfig, check_fields, coerce_fields
+from fedtime.task import options_to_message
 from model.state import modality_encoder_keys
-from server_app.contribution import clustered_shapley_weights, contribution_weights
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
 
 
@@ -138,27 +144,57 @@ class MagnetFedAvg(FedAvg):
     name = "fedavg"
     weighted_mean = True  # aggregates through `average` (so `modality-aware-averaging` applies)
 
-    def __init__(self, *, clients_per_round: int, patience: int, split_seed: int,
-                 train_subjects: list[int], min_train_replies: int = 1, store: RunStore | None = None,
-                 modality_aware_averaging: bool = False, **_: Any) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
-                         min_available_nodes=clients_per_round)
-        self.clients_per_round = clients_per_round
-        self.min_train_replies = min_train_replies
-        order = [s for s in paper_shuffle_order(split_seed) if s in set(train_subjects)]
-        self.sampler = ClientSampler(split_seed, order)
-        self.early_stopping = EarlyStopping(patience)
+    @dataclass(frozen=True)
+    class Params:
+        """FedAvg has no parameters of its own."""
+
+    def __init__(self, cfg: RunConfig, params: Any = None, *, train_subjects: list[int],
+                 store: RunStore | None = None) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.clients_per_round,
+                         min_available_nodes=cfg.clients_per_round)
+        self.cfg = cfg
+        self.params = params if params is not None else self.Params()
+        if not isinstance(self.params, self.Params):
+            raise TypeError(f"{type(self).__name__} takes {self.Params.__qualname__}, got {type(self.params).__name__}")
+        if cfg.modality_aware_averaging and not self.weighted_mean:
+            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to the weighted-mean strategies, "
+                              f"not to '{self.name}'")
+        self.clients_per_round = cfg.clients_per_round
+        self.min_train_replies = cfg.min_train_replies
+        order = [s for s in paper_shuffle_order(cfg.split_seed) if s in set(train_subjects)]
+        self.sampler = ClientSampler(cfg.split_seed, order)
+        self.early_stopping = EarlyStopping(cfg.patience)
         self.store = store
         self.subject_of_node: dict[int, int] = {}
         self.best_arrays: ArrayRecord | None = None
         self.aggregation_info: dict[str, Any] = {}  # what `aggregate` wants recorded for the round
-        self.modality_aware_averaging = modality_aware_averaging
+        self.global_state: dict[str, np.ndarray] = {}  # the global model the round's clients started from
+        self.modality_aware_averaging = cfg.modality_aware_averaging
 
-    # ----- hooks other strategies override
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        """Extra per-round config sent to clients (FedProx adds its mu here)."""
+    # ----- configuration
+    @classmethod
+    def read_params(cls, cfg: RunConfig) -> Any:
+        """This strategy's `Params` from the run config's `[<name>]` table: unknown keys, wrong types, non-finite
+        numbers and values out of their declared range are refused, naming the key."""
+        params = cls.Params(**coerce_fields(cls.Params, cfg.options_of(cls.name), prefix=f"{cls.name}."))
+        check_fields(params, prefix=f"{cls.name}.")
+        return params
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, split: Any, store: RunStore | None = None) -> "MagnetFedAvg":
+        """The strategy a run config asks for, over the split's training subjects."""
+        return cls(cfg, cls.read_params(cfg), train_subjects=list(split.train), store=store)
+
+    def model_options(self) -> dict[str, Any]:
+        """Options of `build_model` this strategy needs on every party (FedMobile: latent generators)."""
         return {}
 
+    def client_config(self) -> dict[str, Any]:
+        """What clients receive in every round's train config: the strategy's client settings (FedProx: its mu)
+        and its model options. The ServerApp passes it to `start` as Flower's `train_config`."""
+        return options_to_message(self.model_options())
+
+    # ----- hooks other strategies override
     def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
         return [float(r.num_examples) for r in replies]
 
@@ -230,7 +266,7 @@ class MagnetFedAvg(FedAvg):
                     timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
         subjects = self.sampler.sample(self.subject_of_node.values(), self.clients_per_round)
         node_of = {s: n for n, s in self.subject_of_node.items()}
-        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), "server-round": server_round})
+        cfg = ConfigRecord({**dict(config), "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": cfg})
         msgs = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_of[s])
                 for s in subjects]
@@ -275,6 +311,7 @@ class MagnetFedAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(replies)} successful replies, fewer than "
                                   f"min-train-replies={self.min_train_replies}; failures: {failures}")
         self.aggregation_info = {}
+        self.global_state = arrays_to_numpy(arrays)  # the round's starting point, for strategies that step from it
         new_state = self.aggregate(server_round, replies, ok_messages)
         n = sum(r.num_examples for r in replies)
         info = {
@@ -344,184 +381,3 @@ class MagnetFedAvg(FedAvg):
                 break
         result.arrays = self.best_arrays
         return result
-
-
-class MagnetFedProx(MagnetFedAvg):
-    """FedProx: clients add (mu/2)·||w − w_global||² over the trainable parameters."""
-
-    name = "fedprox"
-
-    def __init__(self, *, proximal_mu: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.proximal_mu = proximal_mu
-
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {"proximal-mu": float(self.proximal_mu)}
-
-
-class MagnetFedMobile(MagnetFedAvg):
-    """FedMobile-style aggregation (arXiv 2502.15839) for federations with missing modalities.
-
-    * Everything but the latent generators is averaged with contribution-aware weights: a mix of each client's
-      sample share, local validation F1 share and loss-reduction share on its held-out windows
-      (`contribution_weights`).
-    * The generators (cross-modal latent reconstruction, `model/generators.py`) are averaged with clustered
-      Shapley weights: their outputs on a server-held proxy set are clustered, the clusters play an exact
-      Shapley game whose value is the reconstruction R² of their averaged generator on that proxy set. The
-      averaged generators' R² per modality becomes their `quality`: the gate that decides whether a generated
-      embedding joins the fusion, in the next round's training and at evaluation.
-    """
-
-    name = "fedmobile"
-
-    def __init__(self, *, fedmobile_mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 local_val_fraction: float = 0.1, shapley_clusters: int = 3, generator_proxy: Any = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not local_val_fraction > 0:
-            raise ValueError("fedmobile needs local-val-fraction > 0: its weights use the clients' local validation")
-        self.mix = tuple(float(m) for m in fedmobile_mix)
-        self.local_val_fraction = local_val_fraction
-        self.shapley_clusters = shapley_clusters
-        self.generator_proxy = generator_proxy
-
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {"local-val-fraction": float(self.local_val_fraction)}
-
-    def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
-        for r in replies:
-            if "local_val_weighted_f1" not in r.metrics:
-                raise FederationError(f"subject {r.subject:02d} sent no local validation metrics: is its ClientApp "
-                                      "this project's, and was local-val-fraction sent?")
-        f1, gain, unmeasured = self._local_scores(replies)
-        if unmeasured:
-            log(WARNING, "contribution of subject(s) %s not measurable (non-finite local validation F1 or loss): "
-                "a non-finite F1 or loss gain counts as 0", unmeasured)
-        return contribution_weights([r.num_examples for r in replies], f1, gain, self.mix).tolist()
-
-    @staticmethod
-    def _local_scores(replies: list[ClientReply]) -> tuple[list[float], list[float], list[int]]:
-        """Each reply's local validation F1 and loss gain, a NaN or inf one counted as 0 (the global model broken
-        on a client's data, e.g. a BatchNorm variance pushed below 0 by a scaled update, measures nothing),
-        and the subjects that had one."""
-        f1 = [r.metrics["local_val_weighted_f1"] for r in replies]
-        gain = [r.metrics["local_val_loss_before"] - r.metrics["local_val_loss_after"] for r in replies]
-        unmeasured = [r.subject for r, a, b in zip(replies, f1, gain) if not (np.isfinite(a) and np.isfinite(b))]
-        return ([a if np.isfinite(a) else 0.0 for a in f1], [b if np.isfinite(b) else 0.0 for b in gain],
-                unmeasured)
-
-    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
-        weights = self.aggregation_weights(replies)
-        keys = list(replies[0].state)
-        gen_keys = [k for k in keys if k.startswith("generators.")]
-        body = self.average(replies, weights, [k for k in keys if k not in gen_keys])
-        info: dict[str, Any] = {**self.aggregation_info,
-                                "weights": {str(r.subject): w for r, w in zip(replies, weights)}}
-        unmeasured = self._local_scores(replies)[2]
-        if unmeasured:
-            info["unmeasured"] = unmeasured
-        if gen_keys:
-            gens = [{k: r.state[k] for k in gen_keys} for r in replies]
-            sizes = [float(r.num_examples) for r in replies]
-            if self.generator_proxy is not None and len(replies) > 1:
-                proxy = self.generator_proxy
-                proxy.prepare({**body, **gens[0]})
-                outputs = [proxy.outputs(g) for g in gens]
-                # finite arrays can still generate NaN (a scaled update can make a variance buffer negative):
-                # such generators get weight 0 and stay out of the clustering
-                usable = [i for i, o in enumerate(outputs) if np.isfinite(o).all()]
-                if not usable:
-                    raise FederationError(f"round {server_round}: every client's generators produce non-finite "
-                                          f"embeddings on the proxy set (subjects {[r.subject for r in replies]})")
-
-                def coalition_value(members: list[int]) -> float:
-                    members = [usable[i] for i in members]
-                    return proxy.value(weighted_average([gens[i] for i in members], [sizes[i] for i in members]))
-
-                w_usable, details = clustered_shapley_weights(np.stack([outputs[i] for i in usable]),
-                                                              [sizes[i] for i in usable], self.shapley_clusters,
-                                                              coalition_value, seed=server_round)
-                gen_w = np.zeros(len(replies))
-                gen_w[usable] = w_usable
-                info["generators"] = {"clusters": {str(replies[i].subject): c
-                                                   for i, c in zip(usable, details["clusters"])},
-                                      "shapley": details["shapley"],
-                                      "weights": {str(r.subject): float(w) for r, w in zip(replies, gen_w)},
-                                      "rejected": [r.subject for i, r in enumerate(replies) if i not in usable]}
-            else:
-                gen_w = sizes
-            body.update(weighted_average(gens, list(gen_w)))
-            if self.generator_proxy is not None and "generators.quality" in body:
-                # the gate of the generated nodes: the aggregated generators' quality on the proxy set, per
-                # modality (R², or the cross-entropy they save for generators distilled towards the prediction)
-                r2 = self.generator_proxy.quality({k: body[k] for k in gen_keys})
-                body["generators.quality"] = np.asarray(r2, dtype=body["generators.quality"].dtype)
-                info["generator_quality"] = [round(float(q), 4) for q in r2]
-        self.aggregation_info = info
-        return {k: body[k] for k in keys}
-
-
-class _FlowerRobust(MagnetFedAvg):
-    """Byzantine-robust aggregation delegated to Flower's own strategy of the same name (its
-    `aggregate_train` on the round's successful replies); sampling, validation, early stopping and
-    checkpoints stay ours."""
-
-    weighted_mean = False
-
-    def __init__(self, *, flower_strategy: FedAvg, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.flower_strategy = flower_strategy
-
-    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
-        arrays, _ = self.flower_strategy.aggregate_train(server_round, messages)
-        if arrays is None:
-            raise FederationError(f"round {server_round}: {type(self.flower_strategy).__name__} returned nothing")
-        return arrays_to_numpy(arrays)
-
-
-class MagnetFedMedian(_FlowerRobust):
-    """Coordinate-wise median (Flower's FedMedian)."""
-
-    name = "fedmedian"
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(flower_strategy=FedMedian(), **kwargs)
-
-
-class MagnetFedTrimmedAvg(_FlowerRobust):
-    """Coordinate-wise trimmed mean, cutting `trim-beta` of the replies at each end (Flower's FedTrimmedAvg)."""
-
-    name = "fedtrimmedavg"
-
-    def __init__(self, *, trim_beta: float = 0.2, **kwargs: Any) -> None:
-        super().__init__(flower_strategy=FedTrimmedAvg(beta=trim_beta), **kwargs)
-
-
-class MagnetKrum(_FlowerRobust):
-    """Krum: the reply closest to its n − f − 2 neighbours, f = `num-malicious` (Flower's Krum)."""
-
-    name = "krum"
-
-    def __init__(self, *, num_malicious: int = 1, **kwargs: Any) -> None:
-        super().__init__(flower_strategy=Krum(num_malicious_nodes=num_malicious), **kwargs)
-
-    def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
-        """Flower's Krum returns one reply's arrays; which subject that was goes into results.json
-        (`aggregation.krum_selected`), so a run can be read for whether an attacker or a client lacking
-        a sensor became the global model."""
-        new_state = super().aggregate(server_round, replies, messages)
-        gap = [sum(float(np.sum((np.asarray(r.state[k], np.float64) - np.asarray(v, np.float64)) ** 2))
-                   for k, v in new_state.items()) for r in replies]
-        self.aggregation_info = {"krum_selected": replies[int(np.argmin(gap))].subject}
-        return new_state
-
-
-STRATEGIES: dict[str, type[MagnetFedAvg]] = {
-    cls.name: cls for cls in (MagnetFedAvg, MagnetFedProx, MagnetFedMobile, MagnetFedMedian, MagnetFedTrimmedAvg,
-                              MagnetKrum)}
-
-
-def build_strategy(name: str, **kwargs: Any) -> MagnetFedAvg:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{name}'; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[name](**kwargs)
