@@ -33,7 +33,7 @@ from fedtime import task  # noqa: E402
 from fedtime.config import RunConfig  # noqa: E402
 from server_app.server_app import Evaluator  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
-from server_app.strategies import ClientSampler, paper_shuffle_order, weighted_average  # noqa: E402
+from server_app.strategies import ClientSampler, weighted_average  # noqa: E402
 from model import build_model, trainable_state  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 
@@ -50,7 +50,7 @@ def bare_loop(cfg: RunConfig, workers: int) -> tuple[float, float, list[list[int
     models = [model] + [build_model(cfg.model_preset, fusion=cfg.fusion, modalities=cfg.modality_list,
                                         **cfg.model_options)
                         for _ in range(workers - 1)]
-    sampler = ClientSampler(cfg.split_seed, [s for s in paper_shuffle_order(cfg.split_seed) if s in split.train])
+    sampler = ClientSampler(cfg.split_seed, split.train)
     validate = Evaluator(cfg, split.val)
     sampled, client_s, best = [], 0.0, (float("-inf"), None)
     pool = ThreadPoolExecutor(workers)

@@ -21,7 +21,9 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
+import sys
 import time
+import types
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -199,6 +201,20 @@ def _maxrss_mb() -> float:
         return 0.0
 
 
+@contextlib.contextmanager
+def _workers_skip_main():
+    """Worker processes (spawn and forkserver alike) import the parent's ``__main__`` before their first task. A
+    script that calls :func:`load_cache` without an ``if __name__ == "__main__":`` guard would then build again in
+    every worker, waiting for the lock its parent holds: a silent deadlock. The workers need only this module, so
+    ``__main__`` is hidden while they start (they start in ``Pool()`` and are not restarted)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _pool_context():
     """forkserver (fork is unsafe in processes that run threads: Ray, torch), without re-importing the
     caller's ``__main__`` in the server (an unguarded script would otherwise run again there)."""
@@ -290,7 +306,8 @@ def _build(
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)
             if use_pool:
-                pool = stack.enter_context(_pool_context().Pool(workers))
+                with _workers_skip_main():
+                    pool = stack.enter_context(_pool_context().Pool(workers))
                 results = pool.imap(_process_recording, tasks, chunksize=1)
             else:
                 results = map(_process_recording, tasks)

@@ -43,10 +43,12 @@ class Split:
         return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
 
 
-def shuffle_order(seed: int = 42, subjects=SUBJECTS) -> tuple[int, ...]:
-    """``random.seed(seed); random.shuffle(subjects)`` without touching the global RNG."""
+def shuffle_order(seed: int = 42, subjects=SUBJECTS, rng: random.Random | None = None) -> tuple[int, ...]:
+    """``random.seed(seed); random.shuffle(subjects)`` without touching the global RNG. With ``rng`` (a
+    ``random.Random(seed)`` the caller keeps drawing from, as the paper's client sampling does) the shuffle
+    consumes that generator instead."""
     order = list(subjects)
-    random.Random(seed).shuffle(order)
+    (rng or random.Random(seed)).shuffle(order)
     return tuple(order)
 
 

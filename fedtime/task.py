@@ -60,9 +60,11 @@ def subject_of_partition(cfg: RunConfig, node_config: dict) -> int:
     if "partition-id" not in node_config:
         raise ValueError("node-config needs 'partition-id' (or 'subject')")
     pid = int(node_config["partition-id"])
-    if not 0 <= pid < len(split.train):
-        raise ValueError(f"partition-id {pid} out of range: the split has {len(split.train)} training subjects")
-    return split.train[pid]
+    try:
+        return split.partition_subject(pid)
+    except IndexError:
+        raise ValueError(f"partition-id {pid} out of range: the split has {len(split.train)} training "
+                         "subjects") from None
 
 
 def scenario(cfg: RunConfig) -> Scenario:

@@ -6,7 +6,7 @@ from typing import Any
 
 from fedtime.config import ConfigError, RunConfig
 from server_app.strategies.fedavg import (ClientReply, ClientSampler, EarlyStopping, FederationError, MagnetFedAvg,
-                                          paper_shuffle_order, weighted_average)
+                                          weighted_average)
 from server_app.strategies.fedavg_slr import MagnetFedAvgSLR
 from server_app.strategies.fedmobile import MagnetFedMobile
 from server_app.strategies.fedprox import MagnetFedProx
@@ -52,4 +52,4 @@ def build_strategy(cfg: RunConfig, *, split: Any, store: Any = None) -> MagnetFe
 __all__ = ["STRATEGIES", "ClientReply", "ClientSampler", "EarlyStopping", "FederationError", "MagnetFedAvg",
            "MagnetFedAvgSLR",
            "MagnetFedMedian", "MagnetFedMobile", "MagnetFedProx", "MagnetFedTrimmedAvg", "MagnetKrum",
-           "build_strategy", "check_strategy_options", "paper_shuffle_order", "register", "weighted_average"]
+           "build_strategy", "check_strategy_options", "register", "weighted_average"]

@@ -29,6 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from data_partition.splits import shuffle_order
 from fedtime.config import ConfigError, RunConfig, check_fields, coerce_fields
 from fedtime.task import options_to_message
 from model.state import modality_encoder_keys
@@ -44,11 +45,11 @@ class ClientSampler:
     """Samples subjects per round exactly like the paper's script (`random.seed(s)`, shuffle 1..30, then
     `random.sample(train_clients, k)` on the same RNG), restricted to the subjects that are connected."""
 
-    def __init__(self, split_seed: int, train_subjects_in_shuffle_order: list[int]) -> None:
+    def __init__(self, split_seed: int, train_subjects: Iterable[int]) -> None:
         self.rng = random.Random(split_seed)
-        subjects = list(range(1, 31))
-        self.rng.shuffle(subjects)  # consume the RNG exactly as the split did
-        self.order = list(train_subjects_in_shuffle_order)
+        train = set(train_subjects)
+        # the split's shuffle on this RNG (consumed exactly as the split did); train subjects in that order
+        self.order = [s for s in shuffle_order(split_seed, rng=self.rng) if s in train]
 
     def sample(self, available: Iterable[int], k: int) -> list[int]:
         avail = set(available)
@@ -64,13 +65,6 @@ class ClientSampler:
 
     def set_state(self, state: list) -> None:
         self.rng.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def paper_shuffle_order(split_seed: int) -> list[int]:
-    rng = random.Random(split_seed)
-    subjects = list(range(1, 31))
-    rng.shuffle(subjects)
-    return subjects
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -161,8 +155,7 @@ class MagnetFedAvg(FedAvg):
                               f"not to '{self.name}'")
         self.clients_per_round = cfg.clients_per_round
         self.min_train_replies = cfg.min_train_replies
-        order = [s for s in paper_shuffle_order(cfg.split_seed) if s in set(train_subjects)]
-        self.sampler = ClientSampler(cfg.split_seed, order)
+        self.sampler = ClientSampler(cfg.split_seed, train_subjects)
         self.early_stopping = EarlyStopping(cfg.patience)
         self.store = store
         self.subject_of_node: dict[int, int] = {}
