@@ -1,6 +1,7 @@
 """Benchmark cells: one federated simulation or one centralized run each, stored under a name, read back when
 finished and resumed from their checkpoint when an earlier invocation was interrupted. Shared by the benches
-that tabulate whole runs (headline.py, throughput.py)."""
+that tabulate whole runs (headline.py, throughput.py). A cell's results.json is read through
+`fedtime.results.read_results`: cells stored by earlier versions read back in today's shape."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ from pathlib import Path
 
 from _procmem import PeakMemory
 
+from fedtime.results import read_results, write_results
 from server_app.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def finished(run_dir: Path) -> dict | None:
-    """The results.json of a finished run (it holds test metrics), else None."""
+    """The results of a finished run (they hold test metrics; `fedtime.results` schema), else None."""
     path = run_dir / "results.json"
     if not path.exists():
         return None
-    res = json.loads(path.read_text())
+    res = read_results(path)
     return res if res.get("test") else None
 
 
@@ -54,7 +56,7 @@ def federated_cell(out: Path, name: str, run_config: dict, *, timeout: float, re
         raise RuntimeError(f"cell {name} finished without test metrics: {run_dir / 'results.json'}")
     res["peak_rss_mib"] = round(mem.peak_rss_mib)
     res["sim_wall_s"] = round(run.wall_s, 1)
-    (run_dir / "results.json").write_text(json.dumps(res, indent=2))
+    write_results(run_dir / "results.json", res)
     return res
 
 
@@ -75,7 +77,7 @@ def centralized_cell(out: Path, name: str, run_config: dict, *, args: tuple[str,
         raise RuntimeError(f"cell {name} failed (exit {proc.returncode}); log: {out / f'{name}.log'}")
     res = finished(out / name)
     res["wall_s"] = round(time.time() - t0, 1)
-    (out / name / "results.json").write_text(json.dumps(res, indent=2, default=float))
+    write_results(out / name / "results.json", res)
     print(f"    done in {res['wall_s']:.0f} s", flush=True)
     return res
 

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from client_app.client_app import train_subject  # noqa: E402
 from fedtime import task  # noqa: E402
 from fedtime.config import RunConfig  # noqa: E402
+from fedtime.results import read_results  # noqa: E402
 from server_app.server_app import Evaluator  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
 from server_app.strategies import ClientSampler, weighted_average  # noqa: E402
@@ -102,8 +103,8 @@ def main() -> int:
     if not run.ok:
         print(run.log()[-3000:])
         return 1
-    fl = json.loads((a.workdir / rc["run-name"] / "results.json").read_text())
-    fl_clients = [r["clients"] for r in fl["rounds"]]
+    fl = read_results(a.workdir / rc["run-name"] / "results.json")
+    fl_clients = [r["clients"] for r in fl["history"]]
     bare_s, client_s, bare_clients = bare_loop(cfg, workers=2)
     assert [sorted(c) for c in bare_clients] == [sorted(c) for c in fl_clients], "the two runs must train alike"
     ratio = run.wall_s / bare_s

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _procmem import PeakMemory  # noqa: E402
 
+from fedtime.results import read_results  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
 
 
@@ -50,12 +51,12 @@ def main() -> int:
         run = run_simulation(rc, nodes=21, workdir=a.workdir / f"sim-{name}", marker=marker, timeout=a.timeout,
                              cpus_per_client=a.cpus_per_client, gpus_per_client=a.gpus_per_client)
     res_path = a.workdir / name / "results.json"
-    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+    res = read_results(res_path) if res_path.exists() else {}
     test = res.get("test") or {}
     fig = {
         "status": run.status, "wall_s": round(run.wall_s, 1), "peak_rss_mib": round(mem.peak_rss_mib),
         "peak_pss_mib": round(mem.peak_pss_mib), "peak_processes": mem.peak_procs,
-        "rounds_run": len(res.get("rounds", [])), "best_round": res.get("best_round"),
+        "rounds_run": len(res.get("history", [])), "best_round": (res.get("best") or {}).get("round"),
         "test_weighted_f1": test.get("weighted_f1"), "test_macro_f1": test.get("macro_f1"),
         "test_accuracy": test.get("accuracy"), "preset": a.preset, "lr": a.lr, "strategy": a.strategy, "seed": a.seed,
         "results": str(res_path),

@@ -33,16 +33,15 @@ from server_app.simulation import exit_on_sigterm  # noqa: E402
 PAPER = {"federated": 0.881, "centralized": 0.934}  # MHARFedLLM, Table 1, MAGNET (weighted F1)
 
 
-def summarise(res: dict, mode: str) -> dict:
-    test, rounds = res["test"], res.get("rounds") or []
-    if mode == "federated":
-        best = res["best_round"]
-        val = next((r["val_weighted_f1"] for r in rounds if r["round"] == best), None)
-        wall = res.get("sim_wall_s") or res.get("wall_time_s")
-    else:
-        best, val, wall = res.get("best_epoch"), res["val"]["weighted_f1"], res.get("wall_s")
+def summarise(res: dict) -> dict:
+    """A cell's figures from its results (`fedtime.results`; either mode): test, the best round's / epoch's
+    validation weighted F1, the bench's wall time of the cell."""
+    test, best = res["test"], res["best"] or {}
+    federated = res["mode"] == "federated"
+    wall = (res.get("sim_wall_s") if federated else res.get("wall_s")) or res.get("wall_time_s")
     return {"weighted_f1": test["weighted_f1"], "macro_f1": test["macro_f1"], "accuracy": test["accuracy"],
-            "val_weighted_f1": val, "best": best, "wall_s": wall, "peak_rss_mib": res.get("peak_rss_mib")}
+            "val_weighted_f1": best.get("val_weighted_f1"), "best": best.get("round" if federated else "epoch"),
+            "wall_s": wall, "peak_rss_mib": res.get("peak_rss_mib")}
 
 
 def _ms(xs: list[float]) -> str:
@@ -82,7 +81,7 @@ def main() -> int:
             else:
                 res = centralized_cell(out, name, rc, report_only=a.report_only)
             if res is not None:
-                cells[mode][split] = summarise(res, mode)
+                cells[mode][split] = summarise(res)
 
     fields = ["val_weighted_f1", "best", "wall_s"] if a.val_only else \
         ["weighted_f1", "macro_f1", "accuracy", "val_weighted_f1", "best", "wall_s"]

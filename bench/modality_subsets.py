@@ -38,6 +38,7 @@ from model import load_trainable_state  # noqa: E402
 from model.training import classification_metrics, each_subject, evaluate_per_subject, move_batch  # noqa: E402
 from fedtime import task  # noqa: E402
 from fedtime.config import RunConfig  # noqa: E402
+from fedtime.results import read_results  # noqa: E402
 
 SUBSETS = [c for r in range(len(MODALITIES), 0, -1) for c in itertools.combinations(range(len(MODALITIES)), r)]
 
@@ -119,7 +120,7 @@ def linear_reconstruction_r2(train: np.ndarray, val: np.ndarray, ridge: float = 
 
 
 def evaluate_run(run_dir: Path, data_path: str, rates: list[float], reconstruction: bool = False) -> dict:
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir / "results.json")
     values = {k: v for k, v in results["config"].items()
               if k not in ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction")}
     if data_path:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedtime.results import read_results, write_results  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
 
 SCENARIOS: dict[str, dict] = {
@@ -145,7 +146,7 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
         state_path = d / "checkpoint" / "state.json"
         if not m or d.name == own or not state_path.exists():
             continue
-        if not json.loads((d / "results.json").read_text()).get("test"):
+        if not read_results(d / "results.json").get("test"):
             continue
         named, state = int(m.group(1)), json.loads(state_path.read_text())
         done, stopped_after = state["round"], state.get("early_stopping", {}).get("bad_rounds", 0)
@@ -163,7 +164,7 @@ def interrupted_round(run_dir: Path) -> int | None:
     """The last checkpointed round of an unfinished attempt at a cell (a timeout or Ctrl-C stopped it), which the
     next invocation resumes instead of losing it; None when there is none (or the run finished)."""
     state, res = run_dir / "checkpoint" / "state.json", run_dir / "results.json"
-    if not state.exists() or (res.exists() and json.loads(res.read_text()).get("test")):
+    if not state.exists() or (res.exists() and read_results(res).get("test")):
         return None
     return int(json.loads(state.read_text())["round"])
 
@@ -173,9 +174,9 @@ def extend_copy(src: Path, dst: Path) -> Path:
     if dst.exists():  # an earlier attempt that did not finish: start it again from the shorter run
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("plots", "best_model.safetensors"))
-    res = json.loads((dst / "results.json").read_text())
+    res = read_results(dst / "results.json")
     res.update(run=dst.name, extended_from=src.name, status="running", test=None)
-    (dst / "results.json").write_text(json.dumps(res, indent=2))
+    write_results(dst / "results.json", res)
     return dst
 
 
@@ -217,7 +218,7 @@ def main() -> int:
             for seed in seeds:
                 name = cell_name(strategy, scenario, a.preset, a.rounds, a.epochs, seed, a.patience)
                 res_path = out / name / "results.json"
-                finished = res_path.exists() and json.loads(res_path.read_text()).get("test")
+                finished = res_path.exists() and read_results(res_path).get("test")
                 if not finished and a.report_only:
                     continue
                 if not finished:
@@ -246,11 +247,11 @@ def main() -> int:
                     if not run.ok:
                         print(run.log()[-3000:])
                         return 1
-                res = json.loads(res_path.read_text())
-                rounds = res["rounds"]
+                res = read_results(res_path)
+                rounds = res["history"]
                 cells.append({"strategy": strategy, "scenario": scenario, "seed": seed,
                               "test_weighted_f1": res["test"]["weighted_f1"], "test_macro_f1": res["test"]["macro_f1"],
-                              "best_round": res["best_round"], "wall_s": res.get("wall_time_s"),
+                              "best_round": (res["best"] or {}).get("round"), "wall_s": res.get("wall_time_s"),
                               "rounds_trained": rounds[-1]["round"], "patience": res["config"].get("patience"),
                               "upload_mb_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds) / 1e6})
 

@@ -10,14 +10,14 @@ options (monitor, label smoothing, modality dropout, subject batches) are separa
 Trains on the training subjects, selects the epoch on the validation subjects (early stopping
 restores the best), evaluates the test subjects once, and writes ``<output-dir>/<run>/``:
 ``results.json``, ``best_model.safetensors``, ``learning_curves.png``, ``confusion_matrix.png``,
-``pr_curves.png``. The input rates come from the model preset.
+``pr_curves.png``. The input rates come from the model preset. results.json has the schema of federated runs
+(`fedtime.results`, mode "centralized": one row per epoch in ``history``, the best epoch in ``best``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -32,7 +32,7 @@ from .config import MODALITIES, get_config
 from .network import build_model, count_parameters
 from .plots import plot_confusion_matrix, plot_learning_curves, plot_pr_curves
 from .state import save_checkpoint, state_nbytes, trainable_state
-from .training import class_weights_from_labels, evaluate_per_subject, fit, jsonable_metrics
+from .training import class_weights_from_labels, evaluate_per_subject, fit
 
 
 # shortcut flag -> run-config key (pyproject.toml [tool.flwr.app.config]); every other key via --run-config
@@ -132,10 +132,35 @@ class SubjectBatchSampler(torch.utils.data.Sampler):
         return sum(-(-len(g) // self.batch_size) for g in self.groups)
 
 
+def build_results(run: str, rc, history: list[dict], *, test: dict, test_other: dict, subjects, epochs: int,
+                  model: dict, wall_time_s: float, **extra) -> dict:
+    """The results of a centralized run (`fedtime.results`, mode "centralized"; `extra`: its own top-level keys)
+    from `fit`'s history (one row per epoch, then one for SWA when weights were averaged) and the test subjects'
+    evaluations (`evaluate_per_subject`) with the run's BatchNorm statistics (`test`, run config eval-bn-stats)
+    and with the other kind (`test_other`); `epochs`: the epochs asked for."""
+    from fedtime import results as schema
+
+    rows = [h for h in history if isinstance(h["epoch"], int)]
+    swa = next((h for h in history if h["epoch"] == "swa"), None)
+    best_epoch = rows[-1].get("best_epoch") if rows else None
+    results = schema.new_results("centralized", run, rc.to_run_config(), **extra)
+    results["history"] = rows
+    results["best"] = schema.best_entry(results, best_epoch)
+    final = ({"model": "swa", **{k: v for k, v in swa.items() if k != "epoch"}} if swa is not None
+             else {"model": "best_epoch", "epoch": best_epoch})
+    other = "global" if rc.eval_bn_stats == "subject" else "subject"
+    return schema.finish_results(
+        results, status="early_stopped" if len(rows) < epochs else "completed",
+        test=schema.test_entry(test, bn_stats=rc.eval_bn_stats, subjects=subjects,
+                               by_bn_stats={rc.eval_bn_stats: test, other: test_other}),
+        wall_time_s=wall_time_s, final_model=final, model=model)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from data_partition import PreprocessConfig, WindowDataset, load_cache, load_split_stats, paper_split
+    from data_partition import WindowDataset, load_cache, load_split_stats, paper_split
 
+    from fedtime import results as schema
     from fedtime import task
 
     rc = run_config(args)
@@ -152,7 +177,7 @@ def main(argv=None) -> dict:
     subject_batches = args.subject_batches == "on" or (args.subject_batches == "auto" and rc.eval_bn_stats == "subject")
 
     t0 = time.perf_counter()
-    pre = PreprocessConfig(acc_hz=cfg.acc_hz, frame_hz=cfg.frame_hz, window_s=cfg.window_s)
+    pre = task.preprocess_config(rc)  # the input rates of the model preset, as a federated run reads them
     split = paper_split(rc.split_seed)
     cache = load_cache(data_path, pre, args.cache_dir)
     stats = load_split_stats(data_path, pre, split.train, cache_dir=args.cache_dir) if rc.normalization == "global" else None
@@ -213,34 +238,22 @@ def main(argv=None) -> dict:
             "test_weighted_f1": test["weighted_f1"]}
     save_checkpoint(out / "best_model.safetensors", model, meta)
 
-    results = {
-        "schema": "fedtime-magnet/central-v1",
-        "run": run,
-        "mode": "centralized",
-        "command": "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args),
-        "run_config": rc.to_run_config(),
-        "subject_batches": subject_batches,
-        "model": {"preset": rc.model_preset, "fusion": rc.fusion, "modalities": list(model.modalities),
-                  "config": cfg.to_dict(), "params": pc, "bytes_trainable_state": ts_bytes},
-        "train_config": tc.to_dict(),
-        "preprocess": asdict(pre),
-        "split": split.to_dict(),
-        "windows": {"train": len(train_ds), "val": len(val_ds), "test": len(test_ds)},
-        "class_weights": None if cw is None else cw.tolist(),
-        "history": history,
-        "best_epoch": history[-1].get("best_epoch"),
-        "val": jsonable_metrics(val),
-        "test": jsonable_metrics(test),
-        "bn_stats": rc.eval_bn_stats,
-        "test_by_bn_stats": {("subject" if adapt else "global"): {k: test[k] for k in ("accuracy", "weighted_f1", "macro_f1")},
-                             ("global" if adapt else "subject"): {k: test_other[k] for k in ("accuracy", "weighted_f1", "macro_f1")}},
-        "timing_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},
-        "env": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                "python": platform.python_version(), "host_cpus": os.cpu_count()},
-        "artifacts": ["results.json", "best_model.safetensors", "learning_curves.png", "confusion_matrix.png", "pr_curves.png"],
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    timing = {"data": t_data, "train": t_train, "total": time.perf_counter() - t0}
+    results = build_results(
+        run, rc, history, test=test, test_other=test_other, subjects=split.test, epochs=tc.epochs,
+        model=schema.model_entry(preset=rc.model_preset, fusion=rc.fusion, modalities=model.modalities,
+                                 trainable_params=sum(v.numel() for v in trainable_state(model).values()),
+                                 trainable_bytes=ts_bytes, config=cfg.to_dict(), params=pc),
+        wall_time_s=timing["total"],
+        command="python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv), args=vars(args),
+        subject_batches=subject_batches, train_config=tc.to_dict(), preprocess=asdict(pre), split=split.to_dict(),
+        windows={"train": len(train_ds), "val": len(val_ds), "test": len(test_ds)},
+        class_weights=None if cw is None else cw.tolist(), timing_s=timing,
+        env={"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+             "python": platform.python_version(), "host_cpus": os.cpu_count()},
+        artifacts=["results.json", "best_model.safetensors", "learning_curves.png", "confusion_matrix.png",
+                   "pr_curves.png"])
+    schema.write_results(out / "results.json", results)
     print(f"wrote {out}/results.json", flush=True)
     return results
 

@@ -1,4 +1,5 @@
-"""Plots of a federated run, drawn from results.json (per-round history) and the final test evaluation."""
+"""Plots of a federated run, drawn from its results (`fedtime.results`: per-round history, best round) and the final
+test evaluation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from model.plots import plot_confusion_matrix, plot_pr_curves  # noqa: E402
 
 
 def plot_rounds(results: dict, path: Path) -> Path:
-    rounds = results["rounds"]
+    rounds = results["history"]
+    best = (results.get("best") or {}).get("round")
     r = [x["round"] for x in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(r, [x["train_loss"] for x in rounds], "o-", label="train loss (clients, weighted)")
@@ -23,8 +25,8 @@ def plot_rounds(results: dict, path: Path) -> Path:
     for key, label in (("val_accuracy", "val accuracy"), ("val_weighted_f1", "val weighted F1"),
                        ("val_macro_f1", "val macro F1")):
         ax2.plot(r, [x[key] for x in rounds], "o-", label=label)
-    if results.get("best_round"):
-        ax2.axvline(results["best_round"], color="grey", ls="--", label=f"best round {results['best_round']}")
+    if best:
+        ax2.axvline(best, color="grey", ls="--", label=f"best round {best}")
     ax2.set_xlabel("round"), ax2.set_ylim(0, 1.02), ax2.legend(), ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -38,7 +40,8 @@ def plot_rounds(results: dict, path: Path) -> Path:
 def write_plots(run_dir: Path, results: dict, test: dict) -> list[Path]:
     out = Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    best = (results.get("best") or {}).get("round")
     return [plot_rounds(results, out / "learning_curves.png"),
             plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png",
-                                  title=f"test confusion matrix (best round {results['best_round']})"),
+                                  title=f"test confusion matrix (best round {best})"),
             plot_pr_curves(test["labels"], test["probabilities"], out / "pr_curves.png")]

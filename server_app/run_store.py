@@ -1,7 +1,8 @@
-"""A run's directory: results.json (one schema), checkpoints for resume, the best model.
+"""A run's directory: results.json, checkpoints for resume, the best model.
 
 Layout of `<output-dir>/<run>/`:
-    results.json                 config, per-round history, best round, final test metrics
+    results.json                 config, per-round history, best round, final test metrics: the schema of
+                                 `fedtime.results` (mode "federated"), the one centralized runs write too
     best_model.safetensors       the best round's global trainable state
     checkpoint/global.safetensors, checkpoint/best.safetensors, checkpoint/state.json
     checkpoint/rounds/global-NNN.safetensors   the last `keep_rounds` rounds' global states (average-last-rounds)
@@ -12,8 +13,6 @@ Every file is written atomically (temp file + rename), so a killed run leaves th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
-RESULTS_SCHEMA_VERSION = 1
+from fedtime.results import (atomic_write, best_entry, finish_results, new_results, read_results, write_json,
+                             write_results)
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -33,43 +33,14 @@ def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-    _atomic_write(path, w)
-
-
 def save_arrays(path: Path, record: ArrayRecord | dict[str, np.ndarray], meta: dict | None = None) -> None:
     state = arrays_to_numpy(record) if isinstance(record, ArrayRecord) else record
-    _atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
-                                              metadata={k: str(v) for k, v in (meta or {}).items()}))
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+                                             metadata={k: str(v) for k, v in (meta or {}).items()}))
 
 
 def load_arrays(path: Path) -> ArrayRecord:
     return numpy_to_arrays(load_file(str(path)))
-
-
-def _json_default(o: Any):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class RunStore:
@@ -83,7 +54,7 @@ class RunStore:
         if resume:
             if not (self.ckpt / "state.json").exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt / 'state.json'}")
-            self.results = json.loads((self.path / "results.json").read_text())
+            self.results = read_results(self.path / "results.json")  # a run of an earlier version: upgraded
             self._check_compatible(self.results["config"], config)
             for key in ("num-server-rounds", "patience"):  # may change between a run and its continuation
                 if key in config:
@@ -94,8 +65,7 @@ class RunStore:
                 raise FileExistsError(f"{self.path} already holds a run; pass resume=\"{self.path}\" to "
                                       f"continue it or choose another run-name")
             self.path.mkdir(parents=True, exist_ok=True)
-            self.results = {"schema_version": RESULTS_SCHEMA_VERSION, "run": self.path.name, "status": "running",
-                            "config": config, "rounds": [], "best_round": None, "test": None}
+            self.results = new_results("federated", self.path.name, config)
         self._t_start = time.time() - float(self.results.get("wall_time_s") or 0.0)
 
     @staticmethod
@@ -113,7 +83,8 @@ class RunStore:
             return None
         state = json.loads((self.ckpt / "state.json").read_text())
         rounds_done = state["round"]
-        self.results["rounds"] = [r for r in self.results["rounds"] if r["round"] <= rounds_done]
+        self.results["history"] = [r for r in self.results["history"] if r["round"] <= rounds_done]
+        self.results["best"] = best_entry(self.results, state["early_stopping"]["best_round"])
         return {**state, "global": load_arrays(self.ckpt / "global.safetensors"),
                 "best": load_arrays(self.ckpt / "best.safetensors")}
 
@@ -126,10 +97,10 @@ class RunStore:
                 self.round_path(old).unlink()
         if early_stopping["best_round"] == info["round"] or not (self.ckpt / "best.safetensors").exists():
             save_arrays(self.ckpt / "best.safetensors", best_arrays)
-        self.results["rounds"].append(info)
-        self.results["best_round"] = early_stopping["best_round"]
+        self.results["history"].append(info)
+        self.results["best"] = best_entry(self.results, early_stopping["best_round"])
         self.results["wall_time_s"] = time.time() - self._t_start
-        write_json(self.path / "results.json", self.results)
+        write_results(self.path / "results.json", self.results)
         # state.json last: it is the commit point of a round
         write_json(self.ckpt / "state.json", {"round": info["round"], "sampler": sampler,
                                               "early_stopping": early_stopping})
@@ -156,11 +127,13 @@ class RunStore:
     # --------------------------------------------------------------- final
     def finish(self, *, status: str, test: dict[str, Any] | None, best_arrays: ArrayRecord | None,
                extra: dict[str, Any] | None = None, header: dict[str, str] | None = None) -> Path:
-        """``header``: the safetensors header of best_model.safetensors (`model.state.checkpoint_header`), so
-        `model.model_from_checkpoint` can rebuild the model from it."""
+        """``test``: `fedtime.results.test_entry`; ``extra``: final_model, model (`fedtime.results.model_entry`),
+        scenario. ``header``: the safetensors header of best_model.safetensors (`model.state.checkpoint_header`),
+        so `model.model_from_checkpoint` can rebuild the model from it."""
         if best_arrays is not None:
             save_arrays(self.path / "best_model.safetensors", best_arrays,
                         meta=header)
-        self.results.update(status=status, test=test, wall_time_s=time.time() - self._t_start, **(extra or {}))
-        write_json(self.path / "results.json", self.results)
+        finish_results(self.results, status=status, test=test, wall_time_s=time.time() - self._t_start,
+                       **(extra or {}))
+        write_results(self.path / "results.json", self.results)
         return self.path / "results.json"

@@ -16,6 +16,7 @@ from model import evaluate_per_subject, load_trainable_state, trainable_state
 from model.state import checkpoint_header
 from fedtime import task
 from fedtime.config import RunConfig
+from fedtime.results import METRICS, model_entry, test_entry
 from server_app.plots import write_plots
 from server_app.run_store import RunStore, numpy_to_arrays
 from server_app.strategies import build_strategy, check_strategy_options
@@ -66,20 +67,21 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         m = validate(arrays)
-        return MetricRecord({f"val_{k}": float(m[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")})
+        return MetricRecord({f"val_{k}": float(m[k]) for k in METRICS})
 
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                             timeout=cfg.round_timeout, train_config=ConfigRecord(strategy.client_config()),
                             evaluate_fn=evaluate_fn)
 
-    best, final = result.arrays, {"model": "best_round", "round": store.results["best_round"]}
+    best_round = (store.results["best"] or {}).get("round")
+    best, final = result.arrays, {"model": "best_round", "round": best_round}
     if cfg.average_last_rounds:
         # one noisy validation round (three subjects) does not choose the model: the mean of the last rounds does
         rounds, mean = store.last_rounds_average(cfg.average_last_rounds)
         best = numpy_to_arrays(mean)
         val = validate(best)
         final = {"model": "average_last_rounds", "rounds": rounds,
-                 **{f"val_{k}": float(val[k]) for k in ("loss", "accuracy", "weighted_f1", "macro_f1")}}
+                 **{f"val_{k}": float(val[k]) for k in METRICS}}
         log(INFO, "final model: mean of rounds %s | val wF1 %.4f mF1 %.4f", rounds, val["weighted_f1"],
             val["macro_f1"])
     test_eval = Evaluator(cfg, split.test, options)
@@ -87,19 +89,16 @@ def main(grid: Grid, context: Context) -> None:
     both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
             for mode in ("global", "subject")}
     status = "early_stopped" if strategy.early_stopping.should_stop else "completed"
-    keys = ("loss", "accuracy", "weighted_f1", "macro_f1")
-    summary = {k: test[k] for k in keys}
-    path = store.finish(status=status, best_arrays=best, test={
-        **summary, "bn_stats": cfg.eval_bn_stats, "subjects": list(split.test), "num_examples": len(test["labels"]),
-        "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
-        "by_bn_stats": {mode: {k: m[k] for k in keys} for mode, m in both.items()},
-    }, extra={"final_model": final, "model": {"trainable_bytes": initial.count_bytes(),
-                        "trainable_params": int(sum(v.numel() for v in trainable_state(model).values()))},
-              "scenario": task.scenario(cfg).describe()},
-        header=checkpoint_header(model, {"best_round": store.results["best_round"], "run_config": cfg.to_run_config()},
+    path = store.finish(status=status, best_arrays=best, test=test_entry(
+        test, bn_stats=cfg.eval_bn_stats, subjects=split.test, by_bn_stats=both),
+        extra={"final_model": final, "scenario": task.scenario(cfg).describe(),
+               "model": model_entry(preset=cfg.model_preset, fusion=cfg.fusion, modalities=model.modalities,
+                                    trainable_params=sum(v.numel() for v in trainable_state(model).values()),
+                                    trainable_bytes=initial.count_bytes())},
+        header=checkpoint_header(model, {"best_round": best_round, "run_config": cfg.to_run_config()},
                                  trainable_only=True))
     write_plots(store.path, store.results, test)
     log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f (BatchNorm statistics: %s; "
-        "global %.4f / per subject %.4f weighted F1) | results: %s", store.results["best_round"],
-        summary["accuracy"], summary["weighted_f1"], summary["macro_f1"], cfg.eval_bn_stats,
+        "global %.4f / per subject %.4f weighted F1) | results: %s", best_round,
+        test["accuracy"], test["weighted_f1"], test["macro_f1"], cfg.eval_bn_stats,
         both["global"]["weighted_f1"], both["subject"]["weighted_f1"], path)

@@ -77,7 +77,7 @@ def test_tls_auth_federation_runs_two_tiny_rounds(federation, mex_path, tmp_path
 
     results = results_of(out)
     assert results.get("status", "completed") == "completed"
-    rounds = results["rounds"]
+    rounds = results["history"]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         if "trained" in r:  # partition ids 0..2 = the first three training subjects
@@ -118,7 +118,7 @@ def test_killed_supernode_mid_round_does_not_hang_or_leak(federation, mex_path, 
     # two replies are enough (min-train-replies = 2): the round completes without the killed node, named
     assert info["status"] == deploy.FINISHED_OK, f"{info}\n{log[-3000:]}"
     results = results_of(out)
-    r1 = results["rounds"][0]
+    r1 = results["history"][0]
     killed_subject = first_training_subjects(3)[1]
     assert killed_subject not in r1["trained"] and len(r1["trained"]) == 2, r1
     assert any(f["subject"] == killed_subject for f in r1["failures"]), r1

@@ -55,7 +55,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(mex_path, tmp_path, monkeypa
                               "run-name": "on-cluster"}, nodes=3, workdir=tmp_path / "sim", timeout=900)
         assert run.ok, f"run status {run.status}; log tail:\n{run.log()[-4000:]}"
         results = json.loads((out / "on-cluster" / "results.json").read_text())
-        assert [r["round"] for r in results["rounds"]] == [1, 2] and results["test"]["weighted_f1"] > 0
+        assert [r["round"] for r in results["history"]] == [1, 2] and results["test"]["weighted_f1"] > 0
         # the ClientApps ran as workers of *this* cluster: their training lines are in its session logs
         logs = Path(temp_dir) / "session_latest" / "logs"
         text = "".join(p.read_text(errors="replace") for p in logs.rglob("worker-*.out"))

@@ -35,19 +35,23 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
 
     run_dir = tmp_path / "out" / "e2e"
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "completed"
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-    for r in results["rounds"]:
+    assert (results["schema_version"], results["mode"], results["status"]) == (2, "federated", "completed")
+    assert [r["round"] for r in results["history"]] == [1, 2, 3]
+    for r in results["history"]:
         assert sorted(r["trained"]) == [2, 3, 6]  # partition ids 0..2 = the first three training subjects
         # what travelled: the serialized trainable state, once per client each way
         assert r["bytes_down"] == r["bytes_up"] == 3 * results["model"]["trainable_bytes"] and r["failures"] == []
-    best = results["best_round"]
-    assert best == max(results["rounds"], key=lambda r: r["val_weighted_f1"])["round"]
+    best = results["best"]["round"]
+    assert best == max(results["history"], key=lambda r: r["val_weighted_f1"])["round"]
+    assert results["best"]["val_weighted_f1"] == results["history"][best - 1]["val_weighted_f1"]
+    assert results["final_model"] == {"model": "best_round", "round": best}
+    assert (results["model"]["preset"], results["model"]["modalities"]) == ("tiny", ["act", "acw", "dc", "pm"])
+    assert set(results["test"]["by_bn_stats"]) == {"global", "subject"}
     assert results["test"]["subjects"] == [1, 4, 8, 9, 21, 24]
     # above chance (7 near-balanced classes) by more than 4 binomial standard deviations on the test windows
     n, chance = results["test"]["num_examples"], 1 / 7
     assert results["test"]["accuracy"] > chance + 4 * (chance * (1 - chance) / n) ** 0.5, results["test"]
-    assert max(r["val_accuracy"] for r in results["rounds"]) > 0.25
+    assert max(r["val_accuracy"] for r in results["history"]) > 0.25
     for name in ("learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000
     # the best model rebuilds from its own header, with the best round's weights
@@ -87,8 +91,8 @@ def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
     assert resumed.ok, resumed.log()[-3000:]
     a = json.loads((tmp_path / "out" / "full" / "results.json").read_text())
     b = json.loads((tmp_path / "out" / "killed" / "results.json").read_text())
-    assert [r["round"] for r in b["rounds"]] == [1, 2, 3, 4, 5, 6]
-    assert [r["clients"] for r in b["rounds"]] == [r["clients"] for r in a["rounds"]]
+    assert [r["round"] for r in b["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["clients"] for r in b["history"]] == [r["clients"] for r in a["history"]]
     assert b["status"] == "completed" and b["test"] is not None and b["resumed_at"]
 
 

@@ -46,13 +46,13 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
     assert run.leftover_pids == [] and not marked_pids(run.log_path.parent.name)
     res = json.loads((tmp_path / "out" / strategy / "results.json").read_text())
     assert res["status"] == "completed" and res["config"]["strategy"] == strategy
-    assert [r["round"] for r in res["rounds"]] == [1, 2]
-    assert all(sorted(r["trained"]) == [2, 3, 6, 7] for r in res["rounds"])
+    assert [r["round"] for r in res["history"]] == [1, 2]
+    assert all(sorted(r["trained"]) == [2, 3, 6, 7] for r in res["history"])
     assert res["test"]["num_examples"] > 0 and 0 <= res["test"]["weighted_f1"] <= 1
     sc = res["scenario"]
     if strategy == "fedmobile":
         assert sc["missing_rate"] == 0.5
-        for r in res["rounds"]:
+        for r in res["history"]:
             agg = r["aggregation"]
             assert sorted(agg["weights"]) == ["2", "3", "6", "7"]
             assert sum(agg["weights"].values()) == pytest.approx(1.0)
@@ -69,9 +69,9 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
     if strategy == "fedprox":
         assert {2, 3} <= set(sc["absent_subjects"])
         # the clients reported which windows had each sensor, and the server saw who lacked the depth camera
-        assert all(r["aggregation"]["lacking"] == {"dc": [2, 3]} for r in res["rounds"])
+        assert all(r["aggregation"]["lacking"] == {"dc": [2, 3]} for r in res["history"])
     if strategy == "krum":
-        assert all(r["aggregation"]["krum_selected"] in r["trained"] for r in res["rounds"])
+        assert all(r["aggregation"]["krum_selected"] in r["trained"] for r in res["history"])
     if strategy in ("fedmedian", "krum"):
         assert len(sc["poisoned_subjects"]) == 1
     if strategy == "fedtrimmedavg":

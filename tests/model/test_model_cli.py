@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from fedtime.results import COMMON_KEYS, SCHEMA_VERSION, TEST_KEYS, read_results
 from model.train import SubjectBatchSampler, main
 
 
@@ -26,12 +27,22 @@ def test_centralized_cli_trains_and_writes_results(mex_path, tmp_path):
                 "--bn-stats", "subject", "--threads", "1", "--run-config", "augment-sigma=0.0 normalization='global'"])
     out = tmp_path / "t"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["bn_stats"] == "subject" and set(saved["test_by_bn_stats"]) == {"global", "subject"}
+    # the schema of federated runs (fedtime.results), mode "centralized"
+    assert (saved["schema_version"], saved["mode"], saved["run"]) == (SCHEMA_VERSION, "centralized", "t")
+    assert set(COMMON_KEYS) <= set(saved) and tuple(saved["test"]) == TEST_KEYS
+    assert saved["test"]["bn_stats"] == "subject" and set(saved["test"]["by_bn_stats"]) == {"global", "subject"}
+    assert saved["test"]["by_bn_stats"]["subject"]["weighted_f1"] == saved["test"]["weighted_f1"]
     assert saved["subject_batches"] is True  # follows eval-bn-stats="subject" unless told otherwise
-    assert saved["run_config"]["model-preset"] == "tiny" and saved["run_config"]["augment-sigma"] == 0.0
+    assert saved["config"]["model-preset"] == "tiny" and saved["config"]["augment-sigma"] == 0.0
     assert saved["train_config"]["lr"] == 3e-3 and saved["train_config"]["epochs"] == 2
-    assert saved["test"]["n"] == res["windows"]["test"] > 0
-    assert len(saved["history"]) == 2 and all(h["train_samples"] > 0 for h in saved["history"])
+    assert saved["test"]["num_examples"] == res["windows"]["test"] > 0
+    assert saved["test"]["subjects"] == saved["split"]["test"]
+    assert [h["epoch"] for h in saved["history"]] == [1, 2] and all(h["train_samples"] > 0 for h in saved["history"])
+    best = saved["best"]["epoch"]
+    assert saved["best"]["val_weighted_f1"] == saved["history"][best - 1]["val_weighted_f1"]
+    assert saved["final_model"] == {"model": "best_epoch", "epoch": best} and saved["status"] == "completed"
+    assert saved["model"]["preset"] == "tiny" and saved["model"]["trainable_params"] > 0
+    assert read_results(out / "results.json") == saved
     for name in ("best_model.safetensors", "learning_curves.png", "confusion_matrix.png", "pr_curves.png"):
         assert (out / name).stat().st_size > 0
 

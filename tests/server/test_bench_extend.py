@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from fedtime.results import new_results, read_results
+
 _spec = importlib.util.spec_from_file_location(
     "bench_strategies", Path(__file__).resolve().parents[2] / "bench" / "strategies.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -19,8 +21,9 @@ def _run(out: Path, name: str, *, finished: bool = True, checkpoint: bool = True
             {"round": done, "early_stopping": {"patience": 6, "best_round": done - bad_rounds,
                                                "bad_rounds": bad_rounds}}))
     (d / "best_model.safetensors").write_bytes(b"x")
-    (d / "results.json").write_text(json.dumps({"run": name, "status": "completed" if finished else "running",
-                                                "test": {"weighted_f1": 0.5} if finished else None}))
+    res = new_results("federated", name, {}, status="completed" if finished else "running",
+                      test={"weighted_f1": 0.5} if finished else None)
+    (d / "results.json").write_text(json.dumps(res))
     return d
 
 
@@ -46,7 +49,7 @@ def test_extend_copy_keeps_the_shorter_run_and_marks_the_copy_unfinished(tmp_pat
     dst.mkdir()
     (dst / "stale").write_text("from an interrupted attempt")
     assert bench.extend_copy(src, dst) == dst
-    res = json.loads((dst / "results.json").read_text())
+    res = read_results(dst / "results.json")
     assert res["run"] == dst.name and res["extended_from"] == src.name
     assert res["status"] == "running" and res["test"] is None
     assert (dst / "checkpoint" / "state.json").exists()

@@ -195,9 +195,11 @@ def test_start_stops_early_keeps_best_round_and_checkpoints(tmp_path):
 
     result = strat.start(grid, numpy_to_arrays({"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.float32)}),
                          num_rounds=5, evaluate_fn=evaluate_fn)
-    rounds = strat.store.results["rounds"]
+    rounds = strat.store.results["history"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]  # stopped after 2 rounds without gain
     assert strat.early_stopping.best_round == 2
+    assert strat.store.results["best"] == {"round": 2, "val_loss": 1.0, "val_accuracy": 0.5, "val_weighted_f1": 0.8,
+                                           "val_macro_f1": 0.5}
     assert arrays_to_numpy(result.arrays)["w"][0, 0] == 2.0  # the best round's model, not the last
     assert [sorted(r["clients"]) for r in rounds[:3]] == [sorted(r) for r in PAPER_ROUNDS]
     assert (tmp_path / "run" / "checkpoint" / "state.json").exists()
@@ -218,12 +220,12 @@ def test_a_stopped_run_resumed_with_a_longer_patience_continues(tmp_path):
     same = make_strategy("fedavg", subjects, 9, patience=2,
                          store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 2}, resume=True))
     same.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
-    assert [r["round"] for r in same.store.results["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in same.store.results["history"]] == [1, 2, 3, 4]
     # longer patience: rounds 5 and 6 run, the best-round count carries over (round 5 is the 3rd without gain)
     longer = make_strategy("fedavg", subjects, 9, patience=4,
                            store=RunStore(tmp_path / "run", {"num-server-rounds": 6, "patience": 4}, resume=True))
     result = longer.start(grid, w0, num_rounds=6, evaluate_fn=evaluate_fn)
-    rounds = longer.store.results["rounds"]
+    rounds = longer.store.results["history"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert [r["best_round"] for r in rounds[3:]] == [2, 2, 6]
     assert longer.early_stopping.best_round == 6 and arrays_to_numpy(result.arrays)["w"][0, 0] == 6.0
