@@ -158,8 +158,6 @@ def build_results(run: str, rc, history: list[dict], *, test: dict, test_other: 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from data_partition import WindowDataset, load_cache, load_split_stats, paper_split
-
     from fedtime import results as schema
     from fedtime import task
 
@@ -173,18 +171,17 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(rc.seed)
     np.random.seed(rc.seed)
-    data_path = rc.data_source()
     subject_batches = args.subject_batches == "on" or (args.subject_batches == "auto" and rc.eval_bn_stats == "subject")
 
     t0 = time.perf_counter()
     pre = task.preprocess_config(rc)  # the input rates of the model preset, as a federated run reads them
-    split = paper_split(rc.split_seed)
-    cache = load_cache(data_path, pre, args.cache_dir)
-    stats = load_split_stats(data_path, pre, split.train, cache_dir=args.cache_dir) if rc.normalization == "global" else None
-    train_ds = WindowDataset(cache, split.train, stats, normalization=rc.normalization,
-                             augment_sigma=rc.augment_sigma, seed=rc.seed)
-    val_ds = WindowDataset(cache, split.val, stats, normalization=rc.normalization)
-    test_ds = WindowDataset(cache, split.test, stats, normalization=rc.normalization)
+    if args.cache_dir:
+        os.environ["FEDTIME_CACHE_DIR"] = str(args.cache_dir)  # where task.open_data keeps the window cache
+    _, split, _ = task.open_data(rc)
+    # the datasets a federated run builds (fedtime.task.dataset): train-subject statistics, noise on training only
+    train_ds = task.dataset(rc, split.train, train=True)
+    val_ds = task.dataset(rc, split.val, train=False)
+    test_ds = task.dataset(rc, split.test, train=False)
     t_data = time.perf_counter() - t0
     print(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test windows "
           f"(acc {cfg.acc_hz:g} Hz, frames {cfg.frame_hz:g} Hz) in {t_data:.1f}s", flush=True)
@@ -209,8 +206,7 @@ def main(argv=None) -> dict:
         train_loader = _loader(train_ds, tc.batch_size, True, rc.seed, args.workers)
 
     def per_subject(subjects) -> dict:
-        return {s: _loader(WindowDataset(cache, [s], stats, normalization=rc.normalization), rc.eval_batch_size, False, 0, 0)
-                for s in subjects}
+        return {s: _loader(task.dataset(rc, [s], train=False), rc.eval_batch_size, False, 0, 0) for s in subjects}
 
     val_loaders, test_loaders = per_subject(split.val), per_subject(split.test)
     adapt = rc.eval_bn_stats == "subject"
