@@ -44,7 +44,8 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
 Mode-specific top-level keys:
 
     federated       scenario (missing modalities, absent and poisoned subjects: `Scenario.describe()`),
-                    resumed_at (one timestamp per resume; only in resumed runs)
+                    resumed (one entry per resume: {"at": timestamp, "changed": {key: [old, new]}} of the
+                    keys a resumption may change, server_app.run_store.RESUMABLE_CHANGES; only in resumed runs)
     centralized     command, args (the CLI's arguments), subject_batches, train_config (the TrainConfig),
                     preprocess (the PreprocessConfig), split (train / val / test subjects), windows (per part),
                     class_weights, timing_s (data / train / total), env, artifacts

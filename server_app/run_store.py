@@ -4,10 +4,13 @@ Layout of `<output-dir>/<run>/`:
     results.json                 config, per-round history, best round, final test metrics: the schema of
                                  `fedtime.results` (mode "federated"), the one centralized runs write too
     best_model.safetensors       the best round's global trainable state
-    checkpoint/global.safetensors, checkpoint/best.safetensors, checkpoint/state.json
+    checkpoint/global-NNN.safetensors, checkpoint/best-NNN.safetensors   the last committed round's global state
+                                 and the best round's (NNN: their rounds)
+    checkpoint/state.json        the commit point: the round, the files above, sampler and early-stopping state
     checkpoint/rounds/global-NNN.safetensors   the last `keep_rounds` rounds' global states (average-last-rounds)
     plots/*.png
-Every file is written atomically (temp file + rename), so a killed run leaves the last completed round intact.
+Every file is written atomically (temp file + rename), and a round's weights go to new files that only state.json,
+written last, points to: a run killed at any moment resumes from the last committed round, with its weights.
 """
 
 from __future__ import annotations
@@ -40,7 +43,18 @@ def save_arrays(path: Path, record: ArrayRecord | dict[str, np.ndarray], meta: d
 
 
 def load_arrays(path: Path) -> ArrayRecord:
-    return numpy_to_arrays(load_file(str(path)))
+    try:
+        return numpy_to_arrays(load_file(str(path)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+    except Exception as err:  # safetensors raises its own error types for truncated or overwritten files
+        raise ValueError(f"checkpoint file {path} is unreadable ({type(err).__name__}: {err})") from None
+
+
+#: Run-config keys a resumed run may change (they do not change the training of the remaining rounds); every other
+#: difference is refused, naming the keys. Accepted changes are recorded in results.json (`resumed`).
+RESUMABLE_CHANGES = ("num-server-rounds", "patience", "round-timeout", "min-train-replies", "resume", "run-name",
+                     "output-dir", "num-threads")
 
 
 class RunStore:
@@ -55,11 +69,10 @@ class RunStore:
             if not (self.ckpt / "state.json").exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint at {self.ckpt / 'state.json'}")
             self.results = read_results(self.path / "results.json")  # a run of an earlier version: upgraded
-            self._check_compatible(self.results["config"], config)
-            for key in ("num-server-rounds", "patience"):  # may change between a run and its continuation
-                if key in config:
-                    self.results["config"][key] = config[key]
-            self.results.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            changed = self._check_compatible(self.results["config"], config)
+            self.results["config"].update({k: new for k, (_, new) in changed.items()})
+            self.results.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                           "changed": {k: list(v) for k, v in changed.items()}})
         else:
             if (self.ckpt / "state.json").exists():
                 raise FileExistsError(f"{self.path} already holds a run; pass resume=\"{self.path}\" to "
@@ -69,13 +82,16 @@ class RunStore:
         self._t_start = time.time() - float(self.results.get("wall_time_s") or 0.0)
 
     @staticmethod
-    def _check_compatible(old: dict, new: dict) -> None:
-        keys = ("model-preset", "fusion", "modalities", "strategy", "split-seed", "seed", "clients-per-round",
-                "local-epochs", "lr", "batch-size", "grad-accum", "micro-batch", "missing-rate", "missing-at-eval",
-                "absent-modalities", "absent-fraction", "poison", "poison-clients", "poison-scale")
-        diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
-        if diff:
-            raise ValueError(f"cannot resume with a different configuration: {diff}")
+    def _check_compatible(old: dict, new: dict) -> dict[str, tuple]:
+        """The changed keys {key: (old, new)} of a resumption, all in `RESUMABLE_CHANGES`; any other changed key
+        (one that changes how the remaining rounds train or are scored) is refused, naming each."""
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        refused = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
+        if refused:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise ValueError(f"cannot resume with a different configuration ({listed}); only "
+                             f"{', '.join(RESUMABLE_CHANGES)} may change")
+        return diff
 
     # --------------------------------------------------------------- checkpoint
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -85,25 +101,44 @@ class RunStore:
         rounds_done = state["round"]
         self.results["history"] = [r for r in self.results["history"] if r["round"] <= rounds_done]
         self.results["best"] = best_entry(self.results, state["early_stopping"]["best_round"])
-        return {**state, "global": load_arrays(self.ckpt / "global.safetensors"),
-                "best": load_arrays(self.ckpt / "best.safetensors")}
+        # files of the committed round (a checkpoint of an earlier version has the fixed names)
+        return {**state, "global": load_arrays(self.ckpt / state.get("global", "global.safetensors")),
+                "best": load_arrays(self.ckpt / state.get("best", "best.safetensors"))}
 
     def save_round(self, info: dict[str, Any], *, global_arrays: ArrayRecord, best_arrays: ArrayRecord,
                    sampler: list, early_stopping: dict[str, Any]) -> None:
-        save_arrays(self.ckpt / "global.safetensors", global_arrays)
+        """Round `info["round"]`: its weights into new files, results.json, then state.json, which points to those
+        files, as the commit. Files of earlier rounds go only after the commit."""
+        rnd, best_round = info["round"], early_stopping["best_round"]
+        committed = self._committed_files()
+        global_name = f"global-{rnd:03d}.safetensors"
+        best_name = committed.get("best") if best_round != rnd and committed.get("best") else None
+        if best_name is None or not (self.ckpt / best_name).exists():
+            best_name = f"best-{best_round:03d}.safetensors"
+            save_arrays(self.ckpt / best_name, best_arrays)
+        save_arrays(self.ckpt / global_name, global_arrays)
         if self.keep_rounds:
-            save_arrays(self.round_path(info["round"]), global_arrays)
-            for old in self.stored_rounds()[:-self.keep_rounds]:
-                self.round_path(old).unlink()
-        if early_stopping["best_round"] == info["round"] or not (self.ckpt / "best.safetensors").exists():
-            save_arrays(self.ckpt / "best.safetensors", best_arrays)
+            save_arrays(self.round_path(rnd), global_arrays)
         self.results["history"].append(info)
-        self.results["best"] = best_entry(self.results, early_stopping["best_round"])
+        self.results["best"] = best_entry(self.results, best_round)
         self.results["wall_time_s"] = time.time() - self._t_start
         write_results(self.path / "results.json", self.results)
-        # state.json last: it is the commit point of a round
-        write_json(self.ckpt / "state.json", {"round": info["round"], "sampler": sampler,
-                                              "early_stopping": early_stopping})
+        write_json(self.ckpt / "state.json", {"round": rnd, "global": global_name, "best": best_name,
+                                              "sampler": sampler, "early_stopping": early_stopping})
+        # committed: what the new state does not point to is stale
+        for p in [*self.ckpt.glob("global*.safetensors"), *self.ckpt.glob("best*.safetensors")]:
+            if p.name not in (global_name, best_name):
+                p.unlink()
+        if self.keep_rounds:
+            for old in self.stored_rounds()[:-self.keep_rounds]:
+                self.round_path(old).unlink()
+
+    def _committed_files(self) -> dict[str, str]:
+        try:
+            state = json.loads((self.ckpt / "state.json").read_text())
+        except FileNotFoundError:
+            return {}
+        return {k: state[k] for k in ("global", "best") if k in state}
 
     def round_path(self, server_round: int) -> Path:
         return self.ckpt / "rounds" / f"global-{server_round:03d}.safetensors"

@@ -93,7 +93,7 @@ def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
     b = json.loads((tmp_path / "out" / "killed" / "results.json").read_text())
     assert [r["round"] for r in b["history"]] == [1, 2, 3, 4, 5, 6]
     assert [r["clients"] for r in b["history"]] == [r["clients"] for r in a["history"]]
-    assert b["status"] == "completed" and b["test"] is not None and b["resumed_at"]
+    assert b["status"] == "completed" and b["test"] is not None and len(b["resumed"]) == 1
 
 
 def test_bad_run_config_fails_before_training_naming_the_key(mex_path, tmp_path):

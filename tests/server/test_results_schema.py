@@ -242,7 +242,9 @@ def test_a_run_started_before_version_2_resumes(tmp_path):
     res = json.loads((run / "results.json").read_text())
     assert (res["schema_version"], res["mode"]) == (2, "federated") and "rounds" not in res
     assert [r["round"] for r in res["history"]] == [1, 2, 3] and res["best"]["round"] == 3
-    assert res["config"]["patience"] == 8 and len(res["resumed_at"]) == 1
+    assert res["config"]["patience"] == 8 and res["resumed"][-1]["changed"] == {"patience": [6, 8]}
+    assert sorted(p.name for p in (run / "checkpoint").glob("*.safetensors")) == ["best-003.safetensors",
+                                                                                  "global-003.safetensors"]
 
 
 def test_read_results_refuses_what_it_does_not_know(tmp_path):
