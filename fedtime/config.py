@@ -75,6 +75,7 @@ class RunConfig:
     clients_per_round: int = key(9, ge=1)
     min_train_replies: int = key(1, ge=1)
     round_timeout: float = key(3600.0, gt=0)
+    discovery_timeout: float = key(30.0, gt=0)  # seconds to wait for clients-per-round SuperNodes to connect
     patience: int = key(6, ge=0)
     average_last_rounds: int = key(0, ge=0)  # > 0: the final model is the mean of the last N rounds' global models
     split_seed: int = 42
@@ -221,7 +222,8 @@ class RunConfig:
 #: The shared keys by what they configure (docs and the centralized trainer read it); every field is in one.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "protocol": ("num-server-rounds", "local-epochs", "clients-per-round", "min-train-replies", "round-timeout",
-                 "patience", "average-last-rounds", "split-seed", "seed", "strategy", "modality-aware-averaging"),
+                 "discovery-timeout", "patience", "average-last-rounds", "split-seed", "seed", "strategy",
+                 "modality-aware-averaging"),
     "training": ("batch-size", "grad-accum", "micro-batch", "lr", "weight-decay", "augment-sigma",
                  "modality-dropout", "unimodal-weight"),
     "model": ("model-preset", "fusion", "modalities", "acc-window-stats", "acc-window-stats-norm"),
@@ -234,7 +236,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 #: Keys that only a federation has: the centralized trainer refuses them unless they keep their default (the
 #: paper's file sets some) — rounds, sampling, strategies and the scenarios that are drawn per client.
-FEDERATED_ONLY = (*SECTIONS["protocol"][:7], "strategy", "modality-aware-averaging", *SECTIONS["scenario"], "resume")
+FEDERATED_ONLY = ("num-server-rounds", "local-epochs", "clients-per-round", "min-train-replies", "round-timeout",
+                  "discovery-timeout", "average-last-rounds", "strategy", "modality-aware-averaging",
+                  *SECTIONS["scenario"], "resume")
 
 
 def parse_run_config(texts: "list[str] | tuple[str, ...]") -> dict[str, Any]:

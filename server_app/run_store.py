@@ -53,8 +53,8 @@ def load_arrays(path: Path) -> ArrayRecord:
 
 #: Run-config keys a resumed run may change (they do not change the training of the remaining rounds); every other
 #: difference is refused, naming the keys. Accepted changes are recorded in results.json (`resumed`).
-RESUMABLE_CHANGES = ("num-server-rounds", "patience", "round-timeout", "min-train-replies", "resume", "run-name",
-                     "output-dir", "num-threads")
+RESUMABLE_CHANGES = ("num-server-rounds", "patience", "round-timeout", "discovery-timeout", "min-train-replies",
+                     "resume", "run-name", "output-dir", "num-threads")
 
 
 class RunStore:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
@@ -49,6 +49,15 @@ class Evaluator:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        run(grid, context)
+    except Exception as err:
+        # the reason in the run's own log (Flower's simulation reports only "Simulation raised an exception")
+        log(ERROR, "the run failed: %s: %s", type(err).__name__, err)
+        raise
+
+
+def run(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     check_strategy_options(cfg)  # every key checked before any data is read
     task.set_threads(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -100,14 +101,42 @@ def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app
             try:
                 status = _wait(run_id, env, workdir, timeout, streamer, logf if echo else None, on_progress)
             finally:
-                streamer.terminate()
-                try:
-                    streamer.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    streamer.kill()
+                _drain(streamer, logf if echo else None, grace=10.0)
     finally:
         leftover = stop_pids([], grace=10, marker=marker)
     return SimulationRun(run_id, status, time.time() - t0, log_path, leftover)
+
+
+def _drain(streamer: subprocess.Popen, echo_file, grace: float) -> None:
+    """Let the log stream deliver what the run wrote last (its error, the final lines), then stop it."""
+    deadline = time.monotonic() + grace
+    if echo_file is not None and streamer.stdout is not None:
+        while time.monotonic() < deadline:
+            if not select.select([streamer.stdout], [], [], 0.2)[0]:
+                if streamer.poll() is not None:
+                    break
+                continue
+            line = streamer.stdout.readline()  # the stream writes whole lines
+            if not line:
+                break  # the stream ended
+            sys.stdout.write(line)
+            echo_file.write(line)
+    else:
+        try:
+            streamer.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    streamer.terminate()
+    try:
+        streamer.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        streamer.kill()
+
+
+def failure_reason(log_text: str) -> str | None:
+    """The ServerApp's "the run failed: ..." line of a run's log, if it wrote one."""
+    lines = [ln for ln in log_text.splitlines() if "the run failed: " in ln]
+    return lines[-1].split("the run failed: ", 1)[1].strip() if lines else None
 
 
 def _status(run_id: int, env: dict, workdir: Path) -> str:
@@ -162,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     rc = parse_run_config([a.run_config]) if a.run_config else {}
     run = run_simulation(rc, nodes=a.nodes, workdir=a.workdir, cpus_per_client=a.cpus_per_client,
                          gpus_per_client=a.gpus_per_client, timeout=a.timeout, echo=True)
+    reason = None if run.ok else failure_reason(run.log())
+    if reason:
+        print(f"the run failed: {reason}", file=sys.stderr)
     print(json.dumps({"run_id": run.run_id, "status": run.status, "wall_s": round(run.wall_s, 1),
-                      "log": str(run.log_path), "leftover_pids": run.leftover_pids}))
+                      "log": str(run.log_path), "leftover_pids": run.leftover_pids, "error": reason}))
     return 0 if run.ok else 1
 
 

@@ -227,14 +227,24 @@ class MagnetFedAvg(FedAvg):
             self.clients_per_round, self.early_stopping.patience)
 
     # ----- discovery
-    def discover(self, grid: Grid, timeout: float) -> dict[int, int]:
-        """Ask every connected SuperNode which subject it holds (waits for `clients_per_round` nodes)."""
-        deadline = time.time() + timeout
+    def discover(self, grid: Grid, timeout: float, wait: float | None = None) -> dict[int, int]:
+        """Ask every connected SuperNode which subject it holds. Waits up to `wait` seconds (`discovery-timeout`)
+        for `clients_per_round` nodes, saying every 10 s how many are there, then fails naming both numbers (a
+        simulation has all its nodes at once: a federation too small for the run fails fast)."""
+        wait = self.cfg.discovery_timeout if wait is None else wait
+        t0 = last_note = time.time()
         while len(node_ids := sorted(grid.get_node_ids())) < self.clients_per_round:
-            if time.time() > deadline:
-                raise FederationError(f"only {len(node_ids)} SuperNodes connected after {timeout:.0f} s; "
-                                      f"need at least clients-per-round={self.clients_per_round}")
-            time.sleep(1.0)
+            if time.time() - t0 > wait:
+                raise FederationError(
+                    f"{len(node_ids)} SuperNodes connected, but clients-per-round={self.clients_per_round} needs at "
+                    f"least {self.clients_per_round} (waited discovery-timeout={wait:g} s). Simulation: "
+                    f"--federation-config \"num-supernodes=21\"; deployment: start more SuperNodes or raise "
+                    f"discovery-timeout")
+            if time.time() - last_note >= 10.0:
+                last_note = time.time()
+                log(INFO, "waiting for SuperNodes: %d connected, %d needed (clients-per-round); %.0f s left",
+                    len(node_ids), self.clients_per_round, wait - (last_note - t0))
+            time.sleep(0.5)
         msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY,
                         dst_node_id=n) for n in node_ids]
         mapping: dict[int, int] = {}

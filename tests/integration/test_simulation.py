@@ -109,3 +109,25 @@ def test_bad_run_config_fails_before_training_naming_the_key(mex_path, tmp_path)
     assert run.status == "finished:failed", run.status
     assert "'lr' must be of type float" in run.log()
     assert not (tmp_path / "out" / "bad").exists()  # nothing trained, nothing written
+
+
+def test_a_failed_run_says_why_too_few_nodes_fast_and_bad_data(mex_path, tmp_path):
+    """Fewer SuperNodes than clients-per-round ended after round-timeout (an hour) without a word, and a failed
+    run's reason was missing from `server_app.simulation`'s output (only "Simulation raised an exception")."""
+    import time
+
+    from server_app.simulation import failure_reason
+
+    t0 = time.monotonic()
+    few = run_simulation(_config(mex_path, tmp_path / "out", **{"clients-per-round": 3, "discovery-timeout": 5.0,
+                                                                "run-name": "few"}),
+                         nodes=2, workdir=tmp_path / "sim-few", timeout=300)
+    assert few.status == "finished:failed" and time.monotonic() - t0 < 120
+    assert failure_reason(few.log()).startswith("FederationError: 2 SuperNodes connected, but clients-per-round=3")
+    broken = tmp_path / "MEx.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip archive")
+    bad = run_simulation(_config(broken, tmp_path / "out", **{"run-name": "bad-data"}), nodes=2,
+                         workdir=tmp_path / "sim-bad", timeout=300)
+    assert bad.status == "finished:failed"
+    reason = failure_reason(bad.log())
+    assert reason is not None and str(broken) in reason, bad.log()[-3000:]

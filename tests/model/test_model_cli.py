@@ -72,6 +72,14 @@ def test_centralized_cli_refuses_keys_only_a_federation_has(keys):
         run_config(parse_args(["--run-config", keys]))
 
 
+def test_centralized_cli_honours_its_own_keys():
+    """Early stopping's patience, seeds and the training keys are the centralized trainer's too."""
+    from model.train import parse_args, run_config
+
+    rc = run_config(parse_args(["--patience", "3", "--split-seed", "1", "--run-config", "seed=2 modality-dropout=0.2"]))
+    assert (rc.patience, rc.split_seed, rc.seed, rc.modality_dropout) == (3, 1, 2, 0.2)
+
+
 def test_cli_reads_run_config_files_and_keys_without_overriding_them():
     """`--run-config conf/paper.toml` then inline keys (later wins); no flag default overwrites a run-config key
     (modality-dropout reached training as 0 before)."""

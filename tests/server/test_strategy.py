@@ -175,6 +175,17 @@ def _empty_config():
     return ConfigRecord({})
 
 
+def test_too_few_nodes_fail_fast_naming_both_numbers():
+    """It polled for round-timeout (an hour) without a word before."""
+    import time
+
+    strat = make_strategy("fedavg", [2, 3, 6], 3, keys={"discovery-timeout": 1.0})
+    t0 = time.time()
+    with pytest.raises(FederationError, match=r"2 SuperNodes connected, but clients-per-round=3 needs at least 3"):
+        strat.discover(ScriptedGrid([2, 3], lambda s, m: reply(1.0, 5)), timeout=3600)
+    assert time.time() - t0 < 5
+
+
 def test_too_few_replies_is_a_clear_error(tmp_path):
     grid = ScriptedGrid([2, 3], lambda s, m: Error(code=0, reason="boom"))
     strat = _strategy(tmp_path, [2, 3], 2)
