@@ -49,7 +49,7 @@ def check_fields(obj: Any, prefix: str = "") -> None:
 def coerce_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Hyphenated run-config keys -> field values of dataclass `cls`, each of exactly the TOML type it allows;
     an unknown key is refused with the known ones listed."""
-    known = {f.name.replace("_", "-"): f for f in fields(cls)}
+    known = {f.name.replace("_", "-"): f for f in fields(cls) if not f.metadata.get("internal")}
     out: dict[str, Any] = {}
     for k, value in values.items():
         if k not in known:
@@ -119,7 +119,7 @@ class RunConfig:
     eval_bn_stats: str = key("subject", choices=("global", "subject"))
     # strategy tables, e.g. {"fedprox": {"proximal-mu": 0.01}}: checked by the strategies, not here
     strategy_options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}),
-                                                             compare=False)
+                                                             compare=False, metadata={"internal": True})
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -133,7 +133,7 @@ class RunConfig:
                 tables.setdefault(table, {})[sub] = value
             else:
                 shared[k] = value
-        values = coerce_fields(cls, {k: v for k, v in shared.items() if k != "strategy-options"})
+        values = coerce_fields(cls, shared)
         options = MappingProxyType({t: MappingProxyType(v) for t, v in tables.items()})
         cfg = cls(**values, strategy_options=options)
         cfg.validate()
@@ -141,7 +141,7 @@ class RunConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run config (strategy tables as dotted keys), as Flower passes it."""
-        flat = {_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "strategy_options"}
+        flat = {_key(f.name): getattr(self, f.name) for f in fields(self) if not f.metadata.get("internal")}
         flat.update({f"{t}.{k}": v for t, table in self.strategy_options.items() for k, v in table.items()})
         return flat
 

@@ -35,6 +35,7 @@ def test_lr_zero_is_the_presets_own():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"num-server-round": 3}, "unknown run-config key 'num-server-round'"),
+    ({"strategy-options": "x"}, "unknown run-config key 'strategy-options'"),
     ({"lr": "fast"}, "'lr' must be of type float"),
     ({"local-epochs": 1.5}, "'local-epochs' must be of type int"),
     ({"batch-size": True}, "'batch-size' must be of type int"),
