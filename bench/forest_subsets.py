@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/model.py must not shadow `model`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modality_subsets import SUBSETS, expected_score, subset_name  # noqa: E402
