@@ -43,6 +43,13 @@ SHORTCUTS = {"--preset": "model-preset", "--fusion": "fusion", "--modalities": "
              "--normalization": "normalization", "--threads": "num-threads", "--bn-stats": "eval-bn-stats"}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
     ap.add_argument("--run-config", action="append", default=[],
@@ -50,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "\"lr=1e-3 model-preset='tiny'\"; may repeat, later ones win; defaults are pyproject.toml's")
     for flag, key in SHORTCUTS.items():
         ap.add_argument(flag, dest=key.replace("-", "_"), default=None, help=f"= run-config key '{key}'")
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--epochs", type=_positive_int, default=25)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--monitor", default="weighted_f1", help="validation metric: weighted_f1 | accuracy | macro_f1 | loss")
     ap.add_argument("--label-smoothing", type=float, default=0.0)

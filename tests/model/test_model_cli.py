@@ -100,3 +100,13 @@ def test_cli_reads_run_config_files_and_keys_without_overriding_them():
     assert run_config(parse_args([])).replace(output_dir=RunConfig().output_dir) == RunConfig()
     with pytest.raises(SystemExit, match="no such file"):
         run_config(parse_args(["--run-config", "conf/missing.toml"]))
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_centralized_cli_refuses_fewer_than_one_epoch(epochs, capsys):
+    """--epochs 0 trained 5 epochs (the federated local epochs) and --epochs -1 failed after 51 s with IndexError."""
+    from model.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--epochs", epochs])
+    assert "--epochs: must be >= 1" in capsys.readouterr().err
