@@ -200,6 +200,11 @@ def download_mex(
                 os.unlink(p)
 
 
+def _zip_signature(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def resolve_source(
     path: str | os.PathLike | None = None,
     *,
@@ -222,7 +227,11 @@ def resolve_source(
     cached = default_cache_dir(cache_dir) / MEX_ZIP_NAME
     if cached.is_file():
         return cached.resolve()
-    return download_mex(cache_dir, url=url, sha256=sha256, progress=progress).resolve()
+    try:
+        return download_mex(cache_dir, url=url, sha256=sha256, progress=progress).resolve()
+    except OSError as err:  # URLError, timeouts, DNS: no network here
+        raise ConnectionError(f"MEx is not on this machine and could not be downloaded ({err}); set "
+                              f"${ENV_DATA_PATH} or the run-config key data-path to a local MEx.zip or folder") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +333,9 @@ def scan_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
         with zipfile.ZipFile(origin) as zf:
             names = zf.namelist()
         kind = "zip"
+    elif origin.is_file() and _zip_signature(origin):
+        raise MExFormatError(f"{origin}: a damaged zip archive (truncated or overwritten: its central directory is "
+                             f"unreadable); download it again", file=str(origin))
     else:
         raise MExFormatError(f"{origin}: neither a folder nor a zip archive", file=str(origin))
 

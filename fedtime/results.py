@@ -132,6 +132,18 @@ def finish_results(results: dict[str, Any], *, status: str, test: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- writing
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` a temporary file next to `path`, then rename it onto `path`: a reader (or a killed run) sees
     the old file or the new one, never half of one."""
@@ -141,6 +153,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (mkstemp's files are 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -88,3 +88,16 @@ def test_a_corrupt_checkpoint_is_named_in_the_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])  # truncated
     with pytest.raises(ValueError, match=f"checkpoint file {path} is unreadable"):
         RunStore(tmp_path / "run", CONFIG, resume=True).load_checkpoint()
+
+
+def test_results_and_checkpoints_are_readable_by_the_group(tmp_path):
+    """They were written 0600 (mkstemp's mode) while the cache arrays were 0644: now what the umask allows."""
+    import os
+    import stat
+
+    store = RunStore(tmp_path / "run", CONFIG)
+    _save(store, 1, 1.0, best_round=1)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in [tmp_path / "run" / "results.json", *(tmp_path / "run" / "checkpoint").iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
