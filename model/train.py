@@ -225,6 +225,10 @@ def main(argv=None) -> dict:
     history = fit(model, train_loader, tc, device=device, class_weights=cw, validate=validate,
                   log=lambda s: print(s, flush=True))
     t_train = time.perf_counter() - t1
+    broken = [n for n, v in trainable_state(model).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a diverged model is no result: say so instead of testing and saving it
+        raise SystemExit(f"training diverged: {len(broken)} trainable arrays hold NaN or inf after training (e.g. "
+                         f"{broken[0]}); lower lr (now {tc.lr:g}) or check the data. Nothing was saved.")
     val = validate(model)
     test = evaluate_per_subject(model, test_loaders, device, adapt_bn=adapt, amp=tc.amp)
     test_other = evaluate_per_subject(model, test_loaders, device, adapt_bn=not adapt, amp=tc.amp)

@@ -47,6 +47,25 @@ def test_centralized_cli_trains_and_writes_results(mex_path, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow  # the real data
+def test_centralized_cli_refuses_to_keep_a_diverged_model(mex_path, tmp_path, monkeypatch):
+    """A model whose weights went NaN was tested, picked as "best" and then crashed with no results.json."""
+    import torch
+
+    import model.train as train
+
+    def diverging_fit(model, loader, cfg, **kwargs):
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return [{"epoch": 1, "train_loss": float("nan")}]
+
+    monkeypatch.setattr(train, "fit", diverging_fit)
+    with pytest.raises(SystemExit, match="training diverged: .* NaN or inf .*lower lr"):
+        train.main(["--preset", "tiny", "--epochs", "1", "--data-path", str(mex_path), "--output-dir", str(tmp_path),
+                    "--run-name", "d", "--threads", "1"])
+    assert not (tmp_path / "d" / "results.json").exists() and not (tmp_path / "d" / "best_model.safetensors").exists()
+
+
 def test_centralized_cli_shares_the_run_config_checks():
     import pytest
 
