@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write, file_mode
 from .constants import (
     ENV_CACHE_DIR,
     ENV_DATA_PATH,
@@ -78,18 +79,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 _HASH_MEMO = "source-hashes.json"
@@ -174,6 +164,7 @@ def download_mex(
                     bar.update(len(chunk))
         got = h.hexdigest()
         if got == expected:
+            os.chmod(part, file_mode())
             os.replace(part, dest)
             return dest
         found = [got]
@@ -187,6 +178,7 @@ def download_mex(
                             ifd, inner_tmp = tempfile.mkstemp(prefix=f".{MEX_ZIP_NAME}.", suffix=".inner", dir=dest_dir)
                             with os.fdopen(ifd, "wb") as out, zf.open(name) as src:
                                 shutil.copyfileobj(src, out, 1 << 20)
+                            os.chmod(inner_tmp, file_mode())
                             os.replace(inner_tmp, dest)
                             inner_tmp = None
                             return dest
@@ -367,14 +359,11 @@ def _unwrap(origin: Path, kind: str, member: str, cache_dir) -> Path:
     tag = hashlib.sha256(f"{origin}|{st.st_size}|{st.st_mtime_ns}|{member}".encode()).hexdigest()[:16]
     target = _nested_extract_dir(cache_dir) / f"{tag}-{os.path.basename(member)}"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(origin) as zf, zf.open(member) as src:
+        def extract(tmp: str) -> None:
+            with open(tmp, "wb") as out, zipfile.ZipFile(origin) as zf, zf.open(member) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(target, extract)
     return target
 
 

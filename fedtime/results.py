@@ -67,9 +67,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 SCHEMA_VERSION = 2
 MODES = ("federated", "centralized")
@@ -132,34 +131,6 @@ def finish_results(results: dict[str, Any], *, status: str, test: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- writing
-def _umask() -> int:
-    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` a temporary file next to `path`, then rename it onto `path`: a reader (or a killed run) sees
-    the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (mkstemp's files are 0600)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _json_default(o: Any):
     if hasattr(o, "tolist"):  # numpy arrays and scalars, torch tensors
         return o.tolist()
@@ -172,6 +143,8 @@ def write_json(path: Path, obj: Any) -> None:
     def w(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
+    from data_partition.atomic import atomic_write  # on use: reading a schema stays free of numpy
+
     atomic_write(Path(path), w)
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
-from fedtime.results import (atomic_write, best_entry, finish_results, new_results, read_results, write_json,
+from data_partition.atomic import atomic_write
+from fedtime.results import (best_entry, finish_results, new_results, read_results, write_json,
                              write_results)
 
 
