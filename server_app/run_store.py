@@ -111,11 +111,8 @@ class RunStore:
         """Round `info["round"]`: its weights into new files, results.json, then state.json, which points to those
         files, as the commit. Files of earlier rounds go only after the commit."""
         rnd, best_round = info["round"], early_stopping["best_round"]
-        committed = self._committed_files()
-        global_name = f"global-{rnd:03d}.safetensors"
-        best_name = committed.get("best") if best_round != rnd and committed.get("best") else None
-        if best_name is None or not (self.ckpt / best_name).exists():
-            best_name = f"best-{best_round:03d}.safetensors"
+        global_name, best_name = f"global-{rnd:03d}.safetensors", f"best-{best_round:03d}.safetensors"
+        if best_round == rnd or not (self.ckpt / best_name).exists():  # else: committed with its round
             save_arrays(self.ckpt / best_name, best_arrays)
         save_arrays(self.ckpt / global_name, global_arrays)
         if self.keep_rounds:
@@ -133,13 +130,6 @@ class RunStore:
         if self.keep_rounds:
             for old in self.stored_rounds()[:-self.keep_rounds]:
                 self.round_path(old).unlink()
-
-    def _committed_files(self) -> dict[str, str]:
-        try:
-            state = json.loads((self.ckpt / "state.json").read_text())
-        except FileNotFoundError:
-            return {}
-        return {k: state[k] for k in ("global", "best") if k in state}
 
     def round_path(self, server_round: int) -> Path:
         return self.ckpt / "rounds" / f"global-{server_round:03d}.safetensors"
