@@ -193,12 +193,12 @@ class Objective:
     ``fit``), each a named term, summed with its ``TrainConfig`` weight (``ce`` and ``prox``: none)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, params: list[torch.Tensor], device: torch.device,
-                 amp_dtype: torch.dtype | None, class_weights: torch.Tensor | None, proximal_mu: float):
+                 amp_dtype: torch.dtype | None, class_weights: torch.Tensor | None):
         self.model, self.params, self.device, self.amp_dtype = model, params, device, amp_dtype
-        self.label_smoothing, self.mu = cfg.label_smoothing, proximal_mu
+        self.label_smoothing, self.mu = cfg.label_smoothing, cfg.proximal_mu
         self.class_weights = (class_weights.to(device=device, dtype=torch.float32)
                               if class_weights is not None else None)
-        self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        self.anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
         self.forward_names = forward_loss_names(model, cfg)
         self.names = ("ce", *self.forward_names) + (("prox",) if self.anchor is not None else ())
         self.weights = {"aux": cfg.aux_weight, "generator": cfg.generator_weight, "unimodal": cfg.unimodal_weight}
@@ -490,7 +490,7 @@ def fit(
                                                            min_lr=cfg.min_lr)
     amp_dtype, use_scaler = _amp(cfg.amp, device)
     step = OptimizerStep(opt, params, _clip_groups(model, params), cfg, grad_scaler() if use_scaler else None)
-    objective = Objective(model, cfg, params, device, amp_dtype, class_weights, cfg.proximal_mu)
+    objective = Objective(model, cfg, params, device, amp_dtype, class_weights)
     swa = WeightAveraging(model, cfg.swa_start)
     skip_single = _has_batchnorm(model)
 

@@ -271,7 +271,7 @@ def test_every_loss_term_reaches_the_objective_by_name(tiny):
 
     model = new_model().train()
     params = [p for p in model.parameters() if p.requires_grad]
-    objective = Objective(model, cfg, params, torch.device("cpu"), None, None, proximal_mu=0.5)
+    objective = Objective(model, dataclasses.replace(cfg, proximal_mu=0.5), params, torch.device("cpu"), None, None)
     _, terms = objective.terms(separable_batches(tiny, 1)[0])
     assert tuple(terms) == objective.names == ("ce", "aux", "generator", "unimodal", "prox")
     leaves = {k: v.detach().clone().requires_grad_() for k, v in terms.items()}
