@@ -43,9 +43,15 @@ SCENARIOS: dict[str, dict] = {
     "absent-dc-pm": {"absent-modalities": "dc,pm", "absent-fraction": 0.33},
     "label-flip": {"poison": "label-flip", "poison-clients": 2},
     "scaled-update": {"poison": "scale", "poison-clients": 2, "poison-scale": 10.0},
+    "label10": {"labeled-fraction": 0.1},  # label-scarce: a tenth of each client's training windows keeps its label
 }
 # a table row: registered strategy name, or a variant = (strategy, extra run-config keys)
 STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"fedprox.proximal-mu": 0.01},
+                                  # FedMFS with its own fusion and classifier per client, uploading gamma encoders
+                                  **{f"fedmfs-g{g}": {"strategy": "fedmfs", "fedmfs.head": "local",
+                                                      "fedmfs.upload-modalities": g} for g in (1, 2, 3, 4)},
+                                  "fedmfs-shared-g2": {"strategy": "fedmfs", "fedmfs.head": "shared",
+                                                       "fedmfs.upload-modalities": 2},
                                   "fedtrimmedavg": {"fedtrimmedavg.trim-beta": 0.2},
                                   "krum": {"krum.num-malicious": 2},
                                   # FedMobile's generators with plain sample weights: isolates the reconstruction
@@ -125,10 +131,77 @@ def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], p
     return path
 
 
+def finished(res_path: Path) -> bool:
+    """A cell whose run ended (a run without a global model to test, FedMFS with local heads, has test None)."""
+    return res_path.exists() and read_results(res_path).get("status") in ("completed", "early_stopped")
+
+
+def cell_record(res: dict) -> dict:
+    """The figures of one finished cell: test (None without a global model), personalized evaluation on the
+    clients' held-out windows (global model / personalized model), uploads."""
+    rounds = res["history"]
+    test = res.get("test") or {}
+    pers = res.get("personalized") or {}
+    return {"test_weighted_f1": test.get("weighted_f1"), "test_macro_f1": test.get("macro_f1"),
+            "heldout_global_weighted_f1": (pers.get("global") or {}).get("weighted_f1"),
+            "heldout_global_macro_f1": (pers.get("global") or {}).get("macro_f1"),
+            "personal_method": pers.get("method"),
+            "personal_weighted_f1": (pers.get("personal") or {}).get("weighted_f1"),
+            "personal_macro_f1": (pers.get("personal") or {}).get("macro_f1"),
+            "best_round": (res["best"] or {}).get("round"), "wall_s": res.get("wall_time_s"),
+            "rounds_trained": rounds[-1]["round"], "patience": res["config"].get("patience"),
+            "upload_mb_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds) / 1e6,
+            "upload_kb_per_client_round": sum(r["bytes_up"] / max(len(r["trained"]), 1) for r in rounds)
+            / len(rounds) / 1e3}
+
+
+def plot_upload_curve(cells: list[dict], path: Path) -> Path | None:
+    """FedMFS's accuracy-versus-upload curve: personalized weighted F1 of fedmfs-g1..g4 against the upload per
+    client and round, FedAvg's figures (global and fine-tuned, same held-out windows) as reference points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def points(strategy: str, key: str) -> tuple[float, float, float] | None:
+        cs = [c for c in cells if c["strategy"] == strategy and c["scenario"] == "clean" and c.get(key) is not None]
+        if not cs:
+            return None
+        f1 = [c[key] for c in cs]
+        return (statistics.mean(c["upload_kb_per_client_round"] for c in cs), statistics.mean(f1),
+                statistics.stdev(f1) if len(f1) > 1 else 0.0)
+
+    curve = [(g, points(f"fedmfs-g{g}", "personal_weighted_f1")) for g in (1, 2, 3, 4)]
+    curve = [(g, p) for g, p in curve if p is not None]
+    if not curve:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar([p[0] for _, p in curve], [p[1] for _, p in curve], yerr=[p[2] for _, p in curve], fmt="o-",
+                capsize=3, label="FedMFS, local head (personal model)")
+    for g, p in curve:
+        ax.annotate(f"γ={g}", (p[0], p[1]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    for key, label, marker in (("heldout_global_weighted_f1", "FedAvg global model", "s"),
+                               ("personal_weighted_f1", "FedAvg + 1 epoch fine-tuning", "^")):
+        p = points("fedavg", key)
+        if p is not None:
+            ax.errorbar([p[0]], [p[1]], yerr=[p[2]], fmt=marker, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("upload per client and round (kB, log scale)")
+    ax.set_ylabel("weighted F1, clients' held-out windows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def cell_name(strategy: str, scenario: str, preset: str, rounds: int, epochs: int, seed: int,
-              patience: int | None = None) -> str:
-    """A cell's run directory name; `-pN` only for cells asked for with their own patience."""
-    return f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
+              patience: int | None = None, personal_eval: float = 0.0) -> str:
+    """A cell's run directory name; `-pN` only for cells asked for with their own patience, `-peNN` for cells
+    with a personalized evaluation (NN = held-out percent)."""
+    return (f"{strategy}-{scenario}-{preset}-r{rounds}e{epochs}-s{seed}" + ("" if patience is None else f"-p{patience}")
+            + (f"-pe{round(personal_eval * 100)}" if personal_eval else ""))
 
 
 def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: int, epochs: int,
@@ -146,7 +219,7 @@ def shorter_run(out: Path, strategy: str, scenario: str, preset: str, rounds: in
         state_path = d / "checkpoint" / "state.json"
         if not m or d.name == own or not state_path.exists():
             continue
-        if not read_results(d / "results.json").get("test"):
+        if not finished(d / "results.json"):
             continue
         named, state = int(m.group(1)), json.loads(state_path.read_text())
         done, stopped_after = state["round"], state.get("early_stopping", {}).get("bad_rounds", 0)
@@ -164,7 +237,7 @@ def interrupted_round(run_dir: Path) -> int | None:
     """The last checkpointed round of an unfinished attempt at a cell (a timeout or Ctrl-C stopped it), which the
     next invocation resumes instead of losing it; None when there is none (or the run finished)."""
     state, res = run_dir / "checkpoint" / "state.json", run_dir / "results.json"
-    if not state.exists() or (res.exists() and read_results(res).get("test")):
+    if not state.exists() or finished(res):
         return None
     return int(json.loads(state.read_text())["round"])
 
@@ -200,6 +273,9 @@ def main() -> int:
     p.add_argument("--patience", type=int, default=None,
                    help="early-stopping patience of these cells (0: never stop; default: the run config's). "
                         "Names the cells ...-pN; with --extend they continue runs an earlier patience stopped")
+    p.add_argument("--personal-eval-fraction", type=float, default=0.0,
+                   help="> 0: every client holds out this share of its windows and the run ends with the "
+                        "personalized evaluation there (the cells are named ...-peNN)")
     p.add_argument("--extend", action="store_true",
                    help="continue the longest finished shorter run of a cell from its checkpoint")
     p.add_argument("--report-only", action="store_true",
@@ -212,21 +288,28 @@ def main() -> int:
         p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     seeds = [int(s) for s in a.seeds.split(",") if s]
     out = a.workdir.resolve()
-    cells = []
+    cells: list[dict] = []
+    trained_s: list[float] = []
+    todo = sum(not finished(out / cell_name(st, sc, a.preset, a.rounds, a.epochs, seed, a.patience,
+                                            a.personal_eval_fraction) / "results.json")
+               for sc in scenarios for st in strategies for seed in seeds)
     for scenario in scenarios:
         for strategy in strategies:
             for seed in seeds:
-                name = cell_name(strategy, scenario, a.preset, a.rounds, a.epochs, seed, a.patience)
+                name = cell_name(strategy, scenario, a.preset, a.rounds, a.epochs, seed, a.patience,
+                                 a.personal_eval_fraction)
                 res_path = out / name / "results.json"
-                finished = res_path.exists() and read_results(res_path).get("test")
-                if not finished and a.report_only:
+                done_already = finished(res_path)
+                if not done_already and a.report_only:
                     continue
-                if not finished:
+                if not done_already:
                     rc = {"model-preset": a.preset, "num-server-rounds": a.rounds, "local-epochs": a.epochs,
                           "lr": a.lr, "seed": seed, "strategy": strategy, "output-dir": str(out), "run-name": name,
                           **STRATEGY_KEYS.get(strategy, {}), **SCENARIOS[scenario]}
                     if a.patience is not None:
                         rc["patience"] = a.patience
+                    if a.personal_eval_fraction:
+                        rc["personal-eval-fraction"] = a.personal_eval_fraction
                     if a.data_path:
                         rc["data-path"] = str(Path(a.data_path).resolve())
                     done = interrupted_round(out / name)
@@ -239,42 +322,55 @@ def main() -> int:
                         rc["resume"] = str(extend_copy(shorter, out / name))
                         print(f"    continuing {shorter.name} from its checkpoint", flush=True)
                     t0 = time.time()
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+                    eta = ""
+                    if trained_s:
+                        left = todo - len(trained_s)
+                        eta = f" ({len(trained_s) + 1}/{todo}; ETA {statistics.mean(trained_s) * left / 60:.0f} min)"
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} ...{eta}", flush=True)
                     run = run_simulation(rc, nodes=21, workdir=out / f"sim-{name}",
                                          timeout=a.timeout or 600 * a.rounds, cpus_per_client=a.cpus_per_client,
                                          gpus_per_client=a.gpus_per_client)
                     print(f"    {run.status} in {time.time() - t0:.0f} s", flush=True)
+                    trained_s.append(time.time() - t0)
                     if not run.ok:
                         print(run.log()[-3000:])
                         return 1
-                res = read_results(res_path)
-                rounds = res["history"]
                 cells.append({"strategy": strategy, "scenario": scenario, "seed": seed,
-                              "test_weighted_f1": res["test"]["weighted_f1"], "test_macro_f1": res["test"]["macro_f1"],
-                              "best_round": (res["best"] or {}).get("round"), "wall_s": res.get("wall_time_s"),
-                              "rounds_trained": rounds[-1]["round"], "patience": res["config"].get("patience"),
-                              "upload_mb_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds) / 1e6})
+                              **cell_record(read_results(res_path))})
 
+    personal = any(c["personal_method"] for c in cells)
     header = ("| scenario | strategy | test weighted F1 | test macro F1 | weighted F1 vs fedavg (Welch t) "
-              "| upload MB / round | seeds |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              + ("| held-out: global wF1 | held-out: personalized wF1 / mF1 (how) " if personal else "")
+              + "| upload MB / round | kB / client / round | seeds |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for scenario in scenarios:
         for strategy in strategies:
             cs = [c for c in cells if c["strategy"] == strategy and c["scenario"] == scenario]
             if not cs:
                 continue
-            base = [c["test_weighted_f1"] for c in cells if c["strategy"] == "fedavg" and c["scenario"] == scenario]
-            wf1 = [c["test_weighted_f1"] for c in cs]
-            lines.append(f"| {scenario} | {strategy} | {_mean_std(wf1)} | "
-                         f"{_mean_std([c['test_macro_f1'] for c in cs])} | "
-                         f"{'—' if strategy == 'fedavg' else _vs_fedavg(wf1, base)} | "
-                         f"{statistics.mean(c['upload_mb_per_round'] for c in cs):.2f} | {len(cs)} |")
+
+            def col(key: str, rows: list[dict] = cs) -> list[float]:
+                return [c[key] for c in rows if c.get(key) is not None]
+
+            base = col("test_weighted_f1", [c for c in cells if c["strategy"] == "fedavg" and c["scenario"] == scenario])
+            wf1 = col("test_weighted_f1")
+            row = (f"| {scenario} | {strategy} | {_mean_std(wf1)} | {_mean_std(col('test_macro_f1'))} | "
+                   f"{'—' if strategy == 'fedavg' or not wf1 else _vs_fedavg(wf1, base)} | ")
+            if personal:
+                how = {"finetune": "fine-tuned 1 epoch", "own": "own model"}.get(cs[0]["personal_method"], "—")
+                row += (f"{_mean_std(col('heldout_global_weighted_f1'))} | "
+                        f"{_mean_std(col('personal_weighted_f1'))} / {_mean_std(col('personal_macro_f1'))} ({how}) | ")
+            row += (f"{statistics.mean(c['upload_mb_per_round'] for c in cs):.3f} | "
+                    f"{statistics.mean(c['upload_kb_per_client_round'] for c in cs):.0f} | {len(cs)} |")
+            lines.append(row)
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{a.preset} preset, {a.rounds} rounds x {a.epochs} local epoch(s), lr {a.lr}, "
                                   f"9 of 21 clients per round\n\n{table}\n")
-    if cells:
-        plot_cells(cells, scenarios, strategies, out / "table.png")
+    if any(c["test_weighted_f1"] is not None for c in cells):
+        plot_cells([c for c in cells if c["test_weighted_f1"] is not None], scenarios, strategies, out / "table.png")
+    if plot_upload_curve(cells, out / "upload_curve.png"):
+        print(f"FedMFS accuracy-versus-upload curve: {out / 'upload_curve.png'}")
     print(f"\nstrategies x scenarios ({a.preset}, {a.rounds} rounds x {a.epochs} epochs, seeds {seeds})\n")
     print(table)
     print(json.dumps({"preset": a.preset, "rounds": a.rounds, "local_epochs": a.epochs, "lr": a.lr, "cells": cells}))

@@ -82,6 +82,7 @@ class RunConfig:
     seed: int = 0
     strategy: str = "fedavg"  # a name of server_app.strategies.STRATEGIES (checked where they are registered)
     modality_aware_averaging: bool = False
+    personal_eval_fraction: float = key(0.0, ge=0, lt=0.5)  # > 0: clients hold out this share of their windows
     # training (one client's local training, and the centralized trainer)
     batch_size: int = key(8, ge=1)
     grad_accum: int = key(6, ge=1)
@@ -108,6 +109,7 @@ class RunConfig:
     poison: str = key("none", choices=("none", "label-flip", "scale"))
     poison_clients: int = key(0, ge=0)
     poison_scale: float = 10.0
+    labeled_fraction: float = key(1.0, gt=0, le=1)  # share of each client's training windows that keeps its label
     # outputs
     output_dir: str = "outputs"
     run_name: str = ""
@@ -223,13 +225,13 @@ class RunConfig:
 SECTIONS: dict[str, tuple[str, ...]] = {
     "protocol": ("num-server-rounds", "local-epochs", "clients-per-round", "min-train-replies", "round-timeout",
                  "discovery-timeout", "patience", "average-last-rounds", "split-seed", "seed", "strategy",
-                 "modality-aware-averaging"),
+                 "modality-aware-averaging", "personal-eval-fraction"),
     "training": ("batch-size", "grad-accum", "micro-batch", "lr", "weight-decay", "augment-sigma",
                  "modality-dropout", "unimodal-weight"),
     "model": ("model-preset", "fusion", "modalities", "acc-window-stats", "acc-window-stats-norm"),
     "data": ("data-path", "normalization"),
     "scenario": ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction", "poison",
-                 "poison-clients", "poison-scale"),
+                 "poison-clients", "poison-scale", "labeled-fraction"),
     "outputs": ("output-dir", "run-name", "resume"),
     "resources": ("num-threads", "amp", "eval-batch-size", "eval-bn-stats"),
 }
@@ -238,6 +240,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 #: paper's file sets some) — rounds, sampling, strategies and the scenarios that are drawn per client.
 FEDERATED_ONLY = ("num-server-rounds", "local-epochs", "clients-per-round", "min-train-replies", "round-timeout",
                   "discovery-timeout", "average-last-rounds", "strategy", "modality-aware-averaging",
+                  "personal-eval-fraction",
                   *SECTIONS["scenario"], "resume")
 
 

@@ -15,9 +15,10 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
                     `train_loss`, `train_accuracy` (federated: the clients' sample-weighted mean) and
                     `val_loss`, `val_accuracy`, `val_weighted_f1`, `val_macro_f1` (the validation subjects).
                     Federated rows also have clients (sampled subjects), trained (those that replied), failures,
-                    num_examples, bytes_down, bytes_up, client_train_s, wall_s, best_round and, for some
-                    strategies, aggregation (what the strategy recorded: krum_selected, lacking, FedMobile's
-                    weights...). Centralized rows also have lr, train_ce, train_aux (and train_<term> of the other
+                    num_examples, bytes_down, bytes_up, bytes_up_by_subject (serialized bytes each client sent),
+                    client_train_s, wall_s, best_round and, for some strategies, aggregation (what the strategy
+                    recorded: krum_selected, lacking, FedMobile's weights, FedMFS's uploaded encoders and Shapley
+                    values...). Centralized rows also have lr, train_ce, train_aux (and train_<term> of the other
                     loss terms), train_samples, optimizer_steps, amp_skipped_steps, skipped_batches, train_time_s,
                     train_windows_per_s, epoch_time_s and best_epoch.
     best            the best validation round / epoch so far: {"round": n} (federated) or {"epoch": n}
@@ -27,7 +28,8 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
                     "rounds": [...], val_*} (federated), {"model": "best_epoch", "epoch": n} or {"model": "swa",
                     "swa_epochs": k, val_*} (centralized); val_* are that model's validation figures; None while
                     a federated run is running
-    test            None until the run ends; then the tested model on the test subjects, the same block in both
+    test            None until the run ends (and in a run whose strategy keeps no global fusion and classifier:
+                    FedMFS with `fedmfs.head = "local"`); then the tested model on the test subjects, the same block in both
                     modes (`TEST_KEYS`): loss, accuracy, weighted_f1, macro_f1 (with the BatchNorm statistics of
                     run config `eval-bn-stats`), per_class (sklearn's classification_report dict), confusion_matrix
                     (rows = true class), bn_stats ("global" | "subject", the statistics of those figures),
@@ -43,7 +45,10 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
 
 Mode-specific top-level keys:
 
-    federated       scenario (missing modalities, absent and poisoned subjects: `Scenario.describe()`),
+    federated       scenario (missing modalities, absent and poisoned subjects, labelled share: `Scenario.describe()`),
+                    personalized (with `personal-eval-fraction` > 0: method "finetune" | "own", fraction, subjects,
+                    num_examples, global / personal {accuracy, weighted_f1, macro_f1} pooled over the clients'
+                    held-out windows, per_subject, failures, never_trained, wall_s),
                     resumed (one entry per resume: {"at": timestamp, "changed": {key: [old, new]}} of the
                     keys a resumption may change, server_app.run_store.RESUMABLE_CHANGES; only in resumed runs)
     centralized     command, args (the CLI's arguments), subject_batches, train_config (the TrainConfig),

@@ -1,4 +1,4 @@
-"""Messy-federation scenarios from the run config: missing modalities and poisoned clients.
+"""Messy-federation scenarios from the run config: missing modalities, poisoned clients and scarce labels.
 
 Every party derives the same scenario from (run config, split) alone, so a ClientApp knows whether its subject
 lacks a sensor or is poisoned without any extra message, and the server can record who was. Masks come from
@@ -27,6 +27,7 @@ class Scenario:
     poisoned_subjects: tuple[int, ...]
     poison_scale: float
     seed: int
+    labeled_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: RunConfig, train_subjects) -> "Scenario":
@@ -39,7 +40,7 @@ class Scenario:
             rng = np.random.default_rng([cfg.seed, 7])
             poisoned = tuple(sorted(int(s) for s in rng.choice(train, size=cfg.poison_clients, replace=False)))
         return cls(cfg.missing_rate, cfg.missing_at_eval, cfg.absent_modality_list, absent, cfg.poison, poisoned,
-                   cfg.poison_scale, cfg.seed)
+                   cfg.poison_scale, cfg.seed, cfg.labeled_fraction)
 
     @property
     def active(self) -> bool:
@@ -61,6 +62,17 @@ class Scenario:
     def labels(self, subject: int, y: np.ndarray) -> np.ndarray:
         return flip_labels(y) if self.poison == "label-flip" and subject in self.poisoned_subjects else y
 
+    def labelled(self, subject: int, n: int) -> np.ndarray:
+        """Which of a client's ``n`` training windows keep their label (``bool [n]``): exactly
+        ``max(1, round(labeled_fraction * n))`` of them, drawn with (seed, subject); all with fraction 1."""
+        keep = np.ones(int(n), dtype=bool)
+        if self.labeled_fraction >= 1.0 or n == 0:
+            return keep
+        k = max(1, int(round(self.labeled_fraction * n)))
+        keep[:] = False
+        keep[np.random.default_rng([self.seed, subject, 11]).permutation(int(n))[:k]] = True
+        return keep
+
     def poison_update(self, subject: int, new: dict[str, torch.Tensor], old: dict) -> dict[str, torch.Tensor]:
         """A 'scale' attacker sends global + s·(local − global) instead of its local model."""
         if self.poison != "scale" or subject not in self.poisoned_subjects:
@@ -75,4 +87,4 @@ class Scenario:
         return {"missing_rate": self.missing_rate, "missing_at_eval": self.missing_at_eval,
                 "absent_modalities": list(self.absent_modalities), "absent_subjects": list(self.absent_subjects),
                 "poison": self.poison, "poisoned_subjects": list(self.poisoned_subjects),
-                "poison_scale": self.poison_scale}
+                "poison_scale": self.poison_scale, "labeled_fraction": self.labeled_fraction}

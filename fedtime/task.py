@@ -114,7 +114,8 @@ def options_from_message(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def train_config(cfg: RunConfig, round_config: Mapping[str, Any] | None = None, epochs: int | None = None):
     """The model's TrainConfig for this run: the one route by which training settings reach the loop, for a
-    client (the run config plus what its strategy sends in the round's config: `proximal-mu`, `generator-weight`),
+    client (the run config plus what its strategy sends in the round's config: `proximal-mu`, `generator-weight`,
+    `alignment-weight`),
     the centralized trainer and the benches. Its `batch_size` is the forward pass's (build the training loader
     with it) and `grad_accum` the forward passes per optimizer step, so every micro-batch setting takes the same
     optimizer steps of `optimizer_batch` windows."""
@@ -128,6 +129,7 @@ def train_config(cfg: RunConfig, round_config: Mapping[str, Any] | None = None, 
                        patience=cfg.patience, amp=cfg.amp, modality_dropout=cfg.modality_dropout,
                        unimodal_weight=cfg.unimodal_weight,
                        generator_weight=float(sent.get("generator-weight", 1.0)),
+                       alignment_weight=float(sent.get("alignment-weight", 1.0)),
                        proximal_mu=float(sent.get("proximal-mu", 0.0)))
 
 

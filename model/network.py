@@ -20,6 +20,7 @@ from .config import (
     get_config,
 )
 from .encoders import DartCNN, LSTMEncoder, TimeSeriesEncoder, norm_layer
+from .alignment import ModalityAlignment
 from .fusion import MAGNET, AttentionFusion, ConcatFusion
 from .generators import GATES, OBJECTIVES, LatentGenerators
 
@@ -60,6 +61,10 @@ FUSIONS: dict[str, tuple[str, type[nn.Module], tuple[str, ...] | None]] = {
 }
 
 
+#: the modules after the encoders, in forward order (what `MultimodalHAR.head` runs)
+HEAD_MODULES = ("alignment", "fusion", "classifier")
+
+
 class MultimodalHAR(nn.Module):
     """Per-modality encoders -> missing-modality tokens -> fusion -> hierarchical classifier.
 
@@ -80,7 +85,7 @@ class MultimodalHAR(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, fusion: str, modalities: Sequence[str], num_classes: int,
-                 latent_generators: bool = False, unimodal_heads: bool = False):
+                 latent_generators: bool = False, unimodal_heads: bool = False, modality_alignment: bool = False):
         super().__init__()
         enc_kind, fusion_cls, allowed = FUSIONS[fusion]
         mods = [m for m in MODALITIES if m in modalities]
@@ -111,6 +116,8 @@ class MultimodalHAR(nn.Module):
                                if unimodal_heads else None)
         self.unimodal_logits: torch.Tensor | None = None
         self.unimodal_present: torch.Tensor | None = None
+        self.alignment = (ModalityAlignment(len(mods), cfg.d_emb, heads=2)
+                          if modality_alignment and len(mods) > 1 else None)
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality embeddings ``[B, M, d]`` (absent ones = learned tokens) and presence ``[B, M]``."""
@@ -142,11 +149,17 @@ class MultimodalHAR(nn.Module):
         return torch.stack(embs, dim=1), present
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        e, present = self.embed(batch)
+        return self.head(*self.embed(batch))
+
+    def head(self, e: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after the encoders: (alignment,) fusion and classifier on the embeddings ``e [B, M, d]``
+        of :meth:`embed` (FedEPA's personalized aggregation trains its mixing weights on the head alone)."""
         if self.unimodal_heads is not None and self.training:
             self.unimodal_logits = torch.stack(
                 [self.unimodal_heads[m](e[:, j]) for j, m in enumerate(self.modalities)], dim=1)
             self.unimodal_present = present
+        if self.alignment is not None:
+            e = self.alignment(e, present)
         real = e, present
         if self.generators is not None:
             if self.training:
@@ -212,6 +225,7 @@ def build_model(
     seed: int | None = None,
     latent_generators: bool = False,
     unimodal_heads: bool = False,
+    modality_alignment: bool = False,
     **overrides,
 ) -> MultimodalHAR:
     """Build a model by preset and fusion name.
@@ -235,10 +249,12 @@ def build_model(
         raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
     cfg = get_config(preset, **overrides)
     if seed is None:
-        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads,
+                             modality_alignment)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads)
+        return MultimodalHAR(cfg, fusion, modalities, num_classes, latent_generators, unimodal_heads,
+                             modality_alignment)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -255,6 +271,8 @@ def parameter_breakdown(model: MultimodalHAR) -> dict[str, dict[str, int]]:
         parts["generators"] = model.generators
     if model.unimodal_heads is not None:
         parts["unimodal_heads"] = model.unimodal_heads
+    if model.alignment is not None:
+        parts["alignment"] = model.alignment
     out = {k: count_parameters(v) for k, v in parts.items()}
     out["missing_tokens"] = {"total": sum(p.numel() for p in model.missing_tokens.values())}
     return out

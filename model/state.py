@@ -85,6 +85,8 @@ def _model_meta(model: nn.Module) -> dict:
         "modalities": list(getattr(model, "modalities", ())),
         "num_classes": getattr(model, "num_classes", None),
         "latent_generators": getattr(model, "generators", None) is not None,
+        "unimodal_heads": getattr(model, "unimodal_heads", None) is not None,
+        "modality_alignment": getattr(model, "alignment", None) is not None,
     }
 
 
@@ -146,6 +148,8 @@ def model_from_checkpoint(path: "str | Path") -> nn.Module:
     if "config" not in mm:
         raise ValueError(f"{path}: the checkpoint's header does not describe its model (written by an older version?)")
     model = build_model(ModelConfig.from_dict(mm["config"]), mm["fusion"], mm["modalities"], mm["num_classes"],
-                        latent_generators=bool(mm.get("latent_generators", False)))
+                        latent_generators=bool(mm.get("latent_generators", False)),
+                        unimodal_heads=bool(mm.get("unimodal_heads", False)),
+                        modality_alignment=bool(mm.get("modality_alignment", False)))
     load_checkpoint(path, model)
     return model

@@ -41,6 +41,7 @@ class TrainConfig:
     # probability (at least one stays), so the model learns to use any subset (missing modalities)
     swa_start: int = 0  # > 0: average the trainable weights of epochs swa_start.. (SWA) instead of early stopping
     generator_weight: float = 1.0  # weight of the latent generators' distillation loss (models with generators)
+    alignment_weight: float = 1.0  # weight of FedEPA's modality alignment loss (models with alignment)
     unimodal_weight: float = 0.0  # weight of the per-modality heads' cross-entropy (models with unimodal heads)
     proximal_mu: float = 0.0  # FedProx: + mu/2 ||w - w_start||^2 over the trainable parameters (w_start: fit's start)
     max_batches_per_epoch: int | None = None  # cap (smoke tests, benchmarks)
@@ -74,10 +75,26 @@ def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
     return 0.5 * mu * total
 
 
+UNLABELLED = -1  # the label of a window whose label is withheld (label-scarce scenario): only unsupervised terms
+
+
+def labelled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the windows that have a label (``y >= 0``); 0 (with a graph) for a batch of unlabelled
+    windows only. A batch whose windows are all labelled is the plain cross-entropy, bit for bit."""
+    labelled = y >= 0
+    if bool(labelled.all()):
+        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing)
+    if not bool(labelled.any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits[labelled].float(), y[labelled], weight=weight, label_smoothing=label_smoothing)
+
+
 def unimodal_loss(logits: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Class-weighted cross-entropy of each present modality's own head ``logits [B, M, C]`` against the
     window's label, averaged over the (window, modality) pairs that ``present [B, M]`` marks."""
+    present = present & (y >= 0).unsqueeze(1)  # unlabelled windows have no target
     if not bool(present.any()):
         return logits.sum() * 0.0
     targets = y.unsqueeze(1).expand(present.shape)
@@ -159,7 +176,7 @@ def _adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimize
 #: the order in which the history reports the loss terms and adds them up into ``train_loss``, the order it always
 #: had (terms not listed go last). The objective adds them in the order they are computed, FedProx last; a float
 #: sum in another order would change the last bits of ``train_loss``.
-HISTORY_TERMS = ("ce", "aux", "prox", "generator", "unimodal")
+HISTORY_TERMS = ("ce", "aux", "prox", "generator", "unimodal", "align")
 
 
 def forward_loss_names(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
@@ -171,6 +188,8 @@ def forward_loss_names(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
         names.append("generator")
     if getattr(model, "unimodal_heads", None) is not None and cfg.unimodal_weight > 0:
         names.append("unimodal")
+    if getattr(model, "alignment", None) is not None and cfg.alignment_weight > 0:
+        names.append("align")
     return tuple(names)
 
 
@@ -183,6 +202,7 @@ def forward_losses(model: nn.Module, aux: torch.Tensor, y: torch.Tensor, class_w
         "aux": lambda: aux.float(),
         "generator": lambda: model.generator_loss.float(),
         "unimodal": lambda: unimodal_loss(model.unimodal_logits, model.unimodal_present, y, class_weights),
+        "align": lambda: model.alignment.loss.float(),
     }
     return {name: readers[name]() for name in names}
 
@@ -201,15 +221,15 @@ class Objective:
         self.anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
         self.forward_names = forward_loss_names(model, cfg)
         self.names = ("ce", *self.forward_names) + (("prox",) if self.anchor is not None else ())
-        self.weights = {"aux": cfg.aux_weight, "generator": cfg.generator_weight, "unimodal": cfg.unimodal_weight}
+        self.weights = {"aux": cfg.aux_weight, "generator": cfg.generator_weight, "unimodal": cfg.unimodal_weight,
+                        "align": cfg.alignment_weight}
 
     def terms(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, {name: loss term}) of a training forward of ``batch``."""
         with _autocast(self.device, self.amp_dtype):
             logits, aux = self.model(batch)
         y = batch["y"]
-        terms = {"ce": F.cross_entropy(logits.float(), y, weight=self.class_weights,
-                                       label_smoothing=self.label_smoothing)}
+        terms = {"ce": labelled_cross_entropy(logits, y, self.class_weights, self.label_smoothing)}
         terms.update(forward_losses(self.model, aux, y, self.class_weights, self.forward_names))
         if self.anchor is not None:
             terms["prox"] = proximal_term(self.params, self.anchor, self.mu)
@@ -242,15 +262,16 @@ class EpochStats:
     term, optimizer steps, fp16 overflows and skipped batches."""
 
     def __init__(self, names: Sequence[str]):
-        self.n = self.correct = self.steps = self.overflow = self.skipped = 0
+        self.n = self.labelled = self.correct = self.steps = self.overflow = self.skipped = 0
         self.sums = {name: 0.0 for name in names}
 
     def add(self, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         bs = y.shape[0]
         self.n += bs
+        self.labelled += int((y >= 0).sum())
         for name, term in terms.items():
             self.sums[name] += float(term.detach()) * bs
-        self.correct += int((logits.detach().argmax(-1) == y).sum())
+        self.correct += int((logits.detach().argmax(-1) == y).sum())  # an unlabelled window (-1) is never right
 
     def record(self, epoch: int, lr: float, objective: Objective, train_time: float) -> dict:
         n = max(self.n, 1)
@@ -261,7 +282,7 @@ class EpochStats:
             "train_loss": objective.history_total(self.sums) / n,
             "train_ce": means["ce"],
             "train_aux": means["aux"],
-            "train_accuracy": self.correct / n,
+            "train_accuracy": self.correct / max(self.labelled, 1),
             "train_samples": self.n,
             "optimizer_steps": self.steps,
             "amp_skipped_steps": self.overflow,  # fp16 GradScaler overflows (the weights did not move)

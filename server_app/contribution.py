@@ -2,18 +2,18 @@
 
 * `contribution_weights`: a client's weight mixes its share of samples, of local validation F1 and of loss
   reduction (global model's local validation loss minus its trained model's).
-* `shapley_values`: exact Shapley values of a small cooperative game (2^n coalitions; n = clusters, <= 8).
+* `shapley_values` (`fedtime.shapley`, shared with FedMFS's clients): exact Shapley values of a small game.
 * `clustered_shapley_weights`: clients' generators are clustered by their outputs on a proxy set; the clusters
   play the Shapley game; a cluster's value is shared among its members by sample count.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from typing import Callable, Sequence
 
 import numpy as np
+
+from fedtime.shapley import shapley_values
 
 
 def _shares(x: np.ndarray) -> np.ndarray:
@@ -38,30 +38,6 @@ def contribution_weights(num_examples: Sequence[float], val_scores: Sequence[flo
         raise ValueError(f"mix must be non-negative and not all 0, got {mix}")
     w = a * _shares(num_examples) + b * _shares(val_scores) + c * _shares(loss_gains)
     return w / (a + b + c)
-
-
-def shapley_values(n_players: int, value: Callable[[frozenset[int]], float]) -> np.ndarray:
-    """Exact Shapley values: φ_i = Σ_{S ⊆ N∖{i}} |S|!(n−|S|−1)!/n! · (v(S ∪ {i}) − v(S)); v is called once
-    per coalition."""
-    if not 1 <= n_players <= 12:
-        raise ValueError(f"exact Shapley needs 1..12 players, got {n_players}")
-    cache: dict[frozenset[int], float] = {}
-
-    def v(s: frozenset[int]) -> float:
-        if s not in cache:
-            cache[s] = float(value(s))
-        return cache[s]
-
-    phi = np.zeros(n_players)
-    players = range(n_players)
-    for i in players:
-        others = [p for p in players if p != i]
-        for size in range(n_players):
-            coef = math.factorial(size) * math.factorial(n_players - size - 1) / math.factorial(n_players)
-            for s in itertools.combinations(others, size):
-                s = frozenset(s)
-                phi[i] += coef * (v(s | {i}) - v(s))
-    return phi
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> np.ndarray:

@@ -37,10 +37,14 @@ def plot_rounds(results: dict, path: Path) -> Path:
     return path
 
 
-def write_plots(run_dir: Path, results: dict, test: dict) -> list[Path]:
+def write_plots(run_dir: Path, results: dict, test: dict | None) -> list[Path]:
+    """Learning curves, and with a test evaluation (None: the strategy has no global model to test) its
+    confusion matrix and precision-recall curves."""
     out = Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     best = (results.get("best") or {}).get("round")
+    if test is None:
+        return [plot_rounds(results, out / "learning_curves.png")]
     return [plot_rounds(results, out / "learning_curves.png"),
             plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png",
                                   title=f"test confusion matrix (best round {best})"),

@@ -93,20 +93,32 @@ def run(grid: Grid, context: Context) -> None:
                  **{f"val_{k}": float(val[k]) for k in METRICS}}
         log(INFO, "final model: mean of rounds %s | val wF1 %.4f mF1 %.4f", rounds, val["weighted_f1"],
             val["macro_f1"])
-    test_eval = Evaluator(cfg, split.test, options)
-    test = test_eval(best)
-    both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
-            for mode in ("global", "subject")}
+    test = entry = None
+    if strategy.global_head:
+        test_eval = Evaluator(cfg, split.test, options)
+        test = test_eval(best)
+        both = {mode: test if mode == cfg.eval_bn_stats else test_eval(best, bn_stats=mode)
+                for mode in ("global", "subject")}
+        entry = test_entry(test, bn_stats=cfg.eval_bn_stats, subjects=split.test, by_bn_stats=both)
+    else:
+        log(INFO, "no test on the test subjects: %s keeps each client's fusion and classifier on its node (the "
+            "personalized evaluation is its result)", cfg.strategy)
+    extra = {}
+    if cfg.personal_eval_fraction > 0:
+        extra["personalized"] = strategy.personalized_evaluation(grid, best, ConfigRecord(strategy.client_config()),
+                                                                 cfg.round_timeout)
     status = "early_stopped" if strategy.early_stopping.should_stop else "completed"
-    path = store.finish(status=status, best_arrays=best, test=test_entry(
-        test, bn_stats=cfg.eval_bn_stats, subjects=split.test, by_bn_stats=both),
-        extra={"final_model": final, "scenario": task.scenario(cfg).describe(),
+    path = store.finish(status=status, best_arrays=best, test=entry,
+        extra={**extra, "final_model": final, "scenario": task.scenario(cfg).describe(),
                "model": model_entry(preset=cfg.model_preset, fusion=cfg.fusion, modalities=model.modalities,
                                     trainable_params=sum(v.numel() for v in trainable_state(model).values()),
                                     trainable_bytes=initial.count_bytes())},
         header=checkpoint_header(model, {"best_round": best_round, "run_config": cfg.to_run_config()},
                                  trainable_only=True))
     write_plots(store.path, store.results, test)
+    if test is None:
+        log(INFO, "best round %s | results: %s", best_round, path)
+        return
     log(INFO, "best round %s | test acc %.4f weighted F1 %.4f macro F1 %.4f (BatchNorm statistics: %s; "
         "global %.4f / per subject %.4f weighted F1) | results: %s", best_round,
         test["accuracy"], test["weighted_f1"], test["macro_f1"], cfg.eval_bn_stats,

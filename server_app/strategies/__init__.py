@@ -8,6 +8,8 @@ from fedtime.config import ConfigError, RunConfig
 from server_app.strategies.fedavg import (ClientReply, ClientSampler, EarlyStopping, FederationError, MagnetFedAvg,
                                           weighted_average)
 from server_app.strategies.fedavg_slr import MagnetFedAvgSLR
+from server_app.strategies.fedepa import MagnetFedEPA
+from server_app.strategies.fedmfs import MagnetFedMFS
 from server_app.strategies.fedmobile import MagnetFedMobile
 from server_app.strategies.fedprox import MagnetFedProx
 from server_app.strategies.robust import MagnetFedMedian, MagnetFedTrimmedAvg, MagnetKrum
@@ -30,6 +32,8 @@ register(MagnetFedMedian)
 register(MagnetFedTrimmedAvg)
 register(MagnetKrum)
 register(MagnetFedAvgSLR)
+register(MagnetFedMFS)
+register(MagnetFedEPA)
 
 
 def check_strategy_options(cfg: RunConfig) -> None:
@@ -50,6 +54,6 @@ def build_strategy(cfg: RunConfig, *, split: Any, store: Any = None) -> MagnetFe
 
 
 __all__ = ["STRATEGIES", "ClientReply", "ClientSampler", "EarlyStopping", "FederationError", "MagnetFedAvg",
-           "MagnetFedAvgSLR",
+           "MagnetFedAvgSLR", "MagnetFedEPA", "MagnetFedMFS",
            "MagnetFedMedian", "MagnetFedMobile", "MagnetFedProx", "MagnetFedTrimmedAvg", "MagnetKrum",
            "build_strategy", "check_strategy_options", "register", "weighted_average"]

@@ -137,6 +137,7 @@ class MagnetFedAvg(FedAvg):
 
     name = "fedavg"
     weighted_mean = True  # aggregates through `average` (so `modality-aware-averaging` applies)
+    personal_eval = "finetune"  # personalized evaluation: the global model fine-tuned one local epoch per client
 
     @dataclass(frozen=True)
     class Params:
@@ -163,6 +164,7 @@ class MagnetFedAvg(FedAvg):
         self.aggregation_info: dict[str, Any] = {}  # what `aggregate` wants recorded for the round
         self.global_state: dict[str, np.ndarray] = {}  # the global model the round's clients started from
         self.modality_aware_averaging = cfg.modality_aware_averaging
+        self.round_replies: list[ClientReply] = []  # the last round's successful replies
 
     # ----- configuration
     @classmethod
@@ -188,6 +190,10 @@ class MagnetFedAvg(FedAvg):
         return options_to_message(self.model_options())
 
     # ----- hooks other strategies override
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """What this round's clients receive besides `client_config` (FedMFS: which encoders were just updated)."""
+        return {}
+
     def aggregation_weights(self, replies: list[ClientReply]) -> list[float]:
         return [float(r.num_examples) for r in replies]
 
@@ -221,6 +227,18 @@ class MagnetFedAvg(FedAvg):
         if lacking:
             self.aggregation_info["lacking"] = lacking
         return {k: out[k] for k in keys}
+
+    @property
+    def global_head(self) -> bool:
+        """Whether the global model has a trained fusion and classifier, i.e. can be validated and tested on
+        held-out subjects (FedMFS with a local head has none: only personal models exist)."""
+        return True
+
+    def round_validation(self, server_round: int, arrays: ArrayRecord,
+                         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord]) -> MetricRecord:
+        """The round's validation figures (`val_loss`, `val_accuracy`, `val_weighted_f1`, `val_macro_f1`) that
+        early stopping reads: the global model on the validation subjects."""
+        return evaluate_fn(server_round, arrays)
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: %d clients per round, patience %d", type(self).__name__,
@@ -269,7 +287,7 @@ class MagnetFedAvg(FedAvg):
                     timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
         subjects = self.sampler.sample(self.subject_of_node.values(), self.clients_per_round)
         node_of = {s: n for n, s in self.subject_of_node.items()}
-        cfg = ConfigRecord({**dict(config), "server-round": server_round})
+        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": cfg})
         msgs = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_of[s])
                 for s in subjects]
@@ -314,6 +332,7 @@ class MagnetFedAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(replies)} successful replies, fewer than "
                                   f"min-train-replies={self.min_train_replies}; failures: {failures}")
         self.aggregation_info = {}
+        self.round_replies = replies
         self.global_state = arrays_to_numpy(arrays)  # the round's starting point, for strategies that step from it
         new_state = self.aggregate(server_round, replies, ok_messages)
         n = sum(r.num_examples for r in replies)
@@ -326,6 +345,7 @@ class MagnetFedAvg(FedAvg):
             "train_accuracy": sum(r.metrics.get("train_accuracy", np.nan) * r.num_examples for r in replies) / n,
             "bytes_down": int(bytes_down),
             "bytes_up": int(sum(r.bytes_up for r in replies)),
+            "bytes_up_by_subject": {str(r.subject): int(r.bytes_up) for r in replies},
             "client_train_s": time.time() - t0,
         }
         if self.aggregation_info:
@@ -361,7 +381,7 @@ class MagnetFedAvg(FedAvg):
         for rnd in range(first_round, num_rounds + 1):
             t0 = time.time()
             arrays, info = self.train_round(grid, rnd, arrays, train_config, timeout)
-            val = evaluate_fn(rnd, arrays)
+            val = self.round_validation(rnd, arrays, evaluate_fn)
             improved = self.early_stopping.update(rnd, float(val["val_weighted_f1"]))
             if improved:
                 self.best_arrays = arrays
@@ -384,3 +404,56 @@ class MagnetFedAvg(FedAvg):
                 break
         result.arrays = self.best_arrays
         return result
+
+    # ----- after the run
+    def personalized_evaluation(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord,
+                                timeout: float) -> dict[str, Any]:
+        """Every connected training client evaluates on its held-out windows (`personal-eval-fraction`): its
+        personalized model (`personal_eval`: "finetune" = the global model after one local epoch, the standard
+        baseline, or "own" = the model the strategy keeps on the node) and, for "finetune", the global model as
+        it is. Returns the pooled figures over all clients' held-out windows and each subject's."""
+        from model import classification_metrics
+
+        if not self.subject_of_node:
+            self.discover(grid, timeout)
+        node_of = {s: n for n, s in self.subject_of_node.items()}
+        cfg = ConfigRecord({**dict(config), "personal-eval": self.personal_eval})
+        msgs = [Message(content=RecordDict({"arrays": arrays, "config": cfg}), message_type=MessageType.EVALUATE,
+                        dst_node_id=node_of[s]) for s in sorted(node_of)]
+        t0 = time.time()
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        sent_to = {m.metadata.message_id: self.subject_of_node[m.metadata.dst_node_id] for m in msgs}  # ids: sent
+        parts: dict[int, dict[str, np.ndarray]] = {}
+        per_subject: dict[str, dict[str, float]] = {}
+        failures, never_trained = [], []
+        for reply in replies:
+            subject = sent_to.get(reply.metadata.reply_to_message_id, -1)
+            if reply.has_error():
+                failures.append({"subject": subject, "reason": str(reply.error.reason)})
+                continue
+            parts[subject] = arrays_to_numpy(reply.content["arrays"])
+            met = dict(_metrics(reply))
+            per_subject[str(subject)] = {k: float(v) for k, v in met.items() if k.endswith("_f1")}
+            if met.get("never_trained"):
+                never_trained.append(subject)
+        answered = set(parts) | {f["subject"] for f in failures}
+        failures += [{"subject": s, "reason": f"no reply within {timeout:.0f} s"} for s in sorted(node_of)
+                     if s not in answered]
+        if not parts:
+            raise FederationError(f"personalized evaluation: no client answered ({failures})")
+        for f in failures:
+            log(WARNING, "personalized evaluation: subject %02d failed: %s", f["subject"], f["reason"])
+        order = sorted(parts)
+        labels = np.concatenate([parts[s]["labels"] for s in order])
+        out: dict[str, Any] = {"method": self.personal_eval, "fraction": self.cfg.personal_eval_fraction,
+                               "subjects": order, "num_examples": int(len(labels)), "per_subject": per_subject,
+                               "failures": failures, "never_trained": sorted(never_trained),
+                               "wall_s": time.time() - t0}
+        for name in ("global", "personal"):
+            if all(f"probs-{name}" in parts[s] for s in order):
+                m = classification_metrics(labels, np.concatenate([parts[s][f"probs-{name}"] for s in order]), 7)
+                out[name] = {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+        log(INFO, "personalized evaluation (%s) on %d clients' held-out windows: %s", self.personal_eval, len(order),
+            " | ".join(f"{n} wF1 {out[n]['weighted_f1']:.4f} mF1 {out[n]['macro_f1']:.4f}"
+                       for n in ("global", "personal") if n in out))
+        return out

@@ -27,6 +27,10 @@ CASES = {
     "fedmedian": {"poison": "label-flip", "poison-clients": 1},
     "fedtrimmedavg": {"absent-modalities": "dc", "absent-fraction": 0.25, "fedtrimmedavg.trim-beta": 0.25},
     "krum": {"poison": "scale", "poison-clients": 1, "krum.num-malicious": 1},
+    # local fusion and classifier, one encoder up per client: no global test, the personal models are the result
+    "fedmfs": {"fedmfs.head": "local", "fedmfs.upload-modalities": 1, "personal-eval-fraction": 0.2},
+    # label-scarce: the alignment also trains on the windows without a label
+    "fedepa": {"labeled-fraction": 0.1, "personal-eval-fraction": 0.2, "fedepa.ala-first-epochs": 2},
     # the worked example of docs/architecture.md ("Add a strategy"), run as a user would
     "fedavg-slr": {"fedavg-slr.server-lr": 0.5},
 }
@@ -48,8 +52,25 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
     assert res["status"] == "completed" and res["config"]["strategy"] == strategy
     assert [r["round"] for r in res["history"]] == [1, 2]
     assert all(sorted(r["trained"]) == [2, 3, 6, 7] for r in res["history"])
-    assert res["test"]["num_examples"] > 0 and 0 <= res["test"]["weighted_f1"] <= 1
     sc = res["scenario"]
+    if strategy == "fedmfs":
+        assert res["test"] is None  # no shared head
+        for r in res["history"]:
+            up = r["aggregation"]["uploaded"]
+            assert sorted(up) == ["2", "3", "6", "7"] and all(len(m) == 1 for m in up.values())
+            assert all(len(v) == 4 for v in r["aggregation"]["shapley"].values())
+            assert sum(r["bytes_up_by_subject"].values()) == r["bytes_up"]
+            assert r["bytes_up"] < 0.5 * res["model"]["trainable_bytes"] * 4  # an encoder each, no head
+        p = res["personalized"]
+        assert p["method"] == "own" and p["subjects"] == [2, 3, 6, 7] and p["never_trained"] == []
+        assert 0 <= p["personal"]["weighted_f1"] <= 1 and "global" not in p
+        return
+    assert res["test"]["num_examples"] > 0 and 0 <= res["test"]["weighted_f1"] <= 1
+    if strategy == "fedepa":
+        assert sc["labeled_fraction"] == 0.1
+        p = res["personalized"]
+        assert p["method"] == "own" and p["subjects"] == [2, 3, 6, 7] and p["num_examples"] > 0
+        assert set(p["per_subject"]) == {"2", "3", "6", "7"} and 0 <= p["personal"]["macro_f1"] <= 1
     if strategy == "fedmobile":
         assert sc["missing_rate"] == 0.5
         for r in res["history"]:
