@@ -26,6 +26,7 @@ import time
 import types
 import uuid
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,36 @@ class WindowCache:
 
     def windows_per_subject(self) -> dict[int, int]:
         return {s: b - a for s, (a, b) in self._bounds.items()}
+
+    def subject_array(self, modality: str, subject: int) -> np.ndarray:
+        """A copy of one subject's rows of one array, checked against the CRC-32 written when the cache was built
+        (caches built before the digests existed are not checked): a changed file is an error naming it, never
+        silently wrong windows."""
+        rows = self.subject_rows(subject)
+        out = read_rows(self.arrays[modality], rows.start, rows.stop)
+        want = self.meta.get("row_digests", {}).get(modality, {}).get(str(int(subject)))
+        if want is not None and f"{zlib.crc32(out):08x}" != want:
+            raise MExFormatError(f"{self.path / (modality + '.npy')}: the windows of subject {subject} are not the "
+                                 f"bytes that were built (checksum {zlib.crc32(out):08x}, built {want}); the file "
+                                 f"was changed or damaged: delete {self.path} and it is rebuilt")
+        return out
+
+
+def _subject_bounds(subjects: np.ndarray) -> list[tuple[int, int, int]]:
+    uniq, first = np.unique(subjects, return_index=True)
+    last = np.append(first[1:], len(subjects))
+    return [(int(s), int(a), int(b)) for s, a, b in zip(uniq, first, last)]
+
+
+def row_digests(folder: Path, subjects: np.ndarray) -> dict[str, dict[str, str]]:
+    """CRC-32 of each subject's rows of each array (``{modality: {subject: hex}}``), written at build time so a
+    reader can tell whether the bytes it copies are those that were built (a file changed in place keeps its size
+    and its .npy header)."""
+    out: dict[str, dict[str, str]] = {}
+    for m in MODALITIES:
+        a = np.load(folder / f"{m}.npy", mmap_mode="r", allow_pickle=False)
+        out[m] = {str(s): f"{zlib.crc32(read_rows(a, lo, hi)):08x}" for s, lo, hi in _subject_bounds(subjects)}
+    return out
 
 
 def read_rows(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -343,6 +374,7 @@ def _build(
         if len(index) == 0:
             raise MExFormatError(f"{layout.origin}: no usable recording (all {len(layout.files)} left out)")
         np.save(tmp / "index.npy", index)
+        digests = row_digests(tmp, index["subject"])
         meta = {
             "format": CACHE_FORMAT_VERSION,
             "key": key,
@@ -358,6 +390,7 @@ def _build(
             "build_workers": workers if use_pool else 0,
             "build_worker_peak_rss_mb": round(worker_rss, 1) if use_pool else None,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "row_digests": digests,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import read_rows
 from .constants import ACC_MODALITIES, MODALITIES, NUM_CLASSES
 from .stats import STD_EPS, NormStats, per_window_normalize
 
@@ -66,15 +65,16 @@ class WindowDataset(Dataset):
             else cache.index.iloc[:0].reset_index(drop=True)
         )
 
-        def take(a: np.ndarray) -> np.ndarray:
+        def take(m: str) -> np.ndarray:
+            a = cache.arrays[m]
             if not slices:
                 return np.asarray(a[:0])
-            if in_memory:
-                parts = [read_rows(a, sl.start, sl.stop) for sl in slices]
+            if in_memory:  # copies checked against the cache's build-time checksums
+                parts = [cache.subject_array(m, s) for s in self.subjects]
                 return parts[0] if len(parts) == 1 else np.concatenate(parts)
             return a[slices[0]] if len(slices) == 1 else _Concat([a[sl] for sl in slices])
 
-        self._x = {m: take(cache.arrays[m]) for m in MODALITIES}
+        self._x = {m: take(m) for m in MODALITIES}
         n = len(self.index)
         y = self.index["label"].to_numpy(np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         if y.shape != (n,):

@@ -187,10 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=7200)
+    p.add_argument("--marker", default=None,
+                   help="value of $FEDTIME_DEPLOY_MARKER in every process the run starts (default: random); "
+                        "`server_app.deploy.marked_pids` finds them")
     a = p.parse_args(argv)
     rc = parse_run_config([a.run_config]) if a.run_config else {}
     run = run_simulation(rc, nodes=a.nodes, workdir=a.workdir, cpus_per_client=a.cpus_per_client,
-                         gpus_per_client=a.gpus_per_client, timeout=a.timeout, echo=True)
+                         gpus_per_client=a.gpus_per_client, timeout=a.timeout, echo=True, marker=a.marker)
     reason = None if run.ok else failure_reason(run.log())
     if reason:
         print(f"the run failed: {reason}", file=sys.stderr)

@@ -131,3 +131,42 @@ def test_a_failed_run_says_why_too_few_nodes_fast_and_bad_data(mex_path, tmp_pat
     assert bad.status == "finished:failed"
     reason = failure_reason(bad.log())
     assert reason is not None and str(broken) in reason, bad.log()[-3000:]
+
+
+def test_sigterm_while_waiting_for_nodes_leaves_no_process(mex_path, tmp_path):
+    """`python -m server_app.simulation` stopped by SIGTERM while the ServerApp waits for SuperNodes left two Ray
+    agents running; every process the run started must be gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    marker = f"sigterm-{uuid.uuid4().hex[:8]}"
+    workdir = tmp_path / "sim"
+    rc = (f'model-preset="tiny" clients-per-round=3 discovery-timeout=600.0 data-path="{mex_path}" '
+          f'output-dir="{tmp_path / "out"}"')
+    proc = subprocess.Popen([sys.executable, "-m", "server_app.simulation", "--nodes", "2", "--marker", marker,
+                             "--workdir", str(workdir), "--run-config", rc],
+                            cwd=Path(__file__).resolve().parents[2], stdout=(tmp_path / "out.txt").open("w"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        log = tmp_path / "out.txt"  # the run's log as the command echoes it
+        while time.monotonic() < deadline and "waiting for SuperNodes" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None, "the run ended before it waited for nodes"
+            time.sleep(1)
+        assert "waiting for SuperNodes" in log.read_text(), log.read_text()[-2000:]
+        assert marked_pids(marker), "no process of the run found by its marker"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) != 0
+        deadline = time.monotonic() + 30
+        while marked_pids(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marked_pids(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in marked_pids(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -434,3 +434,74 @@ def test_the_add_a_strategy_example_in_the_docs_is_the_registered_file():
     registry = (root / "server_app" / "strategies" / "__init__.py").read_text()
     assert registry.count("MagnetFedAvgSLR") == 3  # import, register line, __all__
     assert STRATEGIES["fedavg-slr"].__name__ == "MagnetFedAvgSLR"
+
+
+def _encoder_state(act: float, dc: float, head: float) -> dict:
+    return {"encoders.act.w": np.full(2, act, np.float32), "encoders.dc.w": np.full(3, dc, np.float32),
+            "classifier.w": np.full(2, head, np.float32)}
+
+
+def _fedmfs_reply(subject: int, n: int, state: dict, metrics: dict | None = None):
+    from server_app.strategies import ClientReply
+
+    return ClientReply(subject, n, state, {"num-examples": n, **(metrics or {})}, 0)
+
+
+def test_fedmfs_averages_each_array_over_the_clients_that_sent_it():
+    strat = make_strategy("fedmfs", [2, 3, 6], 3)
+    strat.global_state = _encoder_state(0.0, 5.0, -1.0)
+    a, b = _encoder_state(1.0, 7.0, 0.0), _encoder_state(4.0, 9.0, 0.0)
+    replies = [_fedmfs_reply(2, 100, {"encoders.act.w": a["encoders.act.w"], "encoders.dc.w": a["encoders.dc.w"]},
+                             {"shapley-act": 0.2, "shapley-dc": 0.1}),
+               _fedmfs_reply(3, 300, {"encoders.act.w": b["encoders.act.w"]}),
+               _fedmfs_reply(6, 50, {})]  # sent nothing (no modality)
+    out = strat.aggregate(1, replies, [])
+    np.testing.assert_allclose(out["encoders.act.w"], (1.0 * 100 + 4.0 * 300) / 400)  # 2 and 3 sent act
+    np.testing.assert_allclose(out["encoders.dc.w"], 7.0)                              # only 2 sent dc
+    np.testing.assert_allclose(out["classifier.w"], -1.0)                              # nobody: unchanged
+    assert strat.aggregation_info["uploaded"] == {"2": ["act", "dc"], "3": ["act"], "6": []}
+    assert strat.aggregation_info["shapley"]["2"] == {"act": 0.2, "dc": 0.1}
+    # the next round's clients take the global encoders of act and dc only
+    assert strat.round_config(2) == {"fedmfs-fresh": "act,dc"}
+    with pytest.raises(FederationError, match="does not have"):
+        strat.aggregate(1, [_fedmfs_reply(2, 1, {"encoders.pm.w": np.zeros(1, np.float32)})], [])
+
+
+def test_fedmfs_with_a_local_head_validates_on_the_clients_personal_models():
+    strat = make_strategy("fedmfs", [2, 3], 2, keys={"fedmfs.head": "local"})
+    assert not strat.global_head and strat.personal_eval == "own"
+    assert make_strategy("fedmfs", [2, 3], 2).personal_eval == "finetune"
+    strat.round_replies = [
+        _fedmfs_reply(2, 10, {}, {"local_val_windows": 30, "local_val_weighted_f1": 0.9, "local_val_macro_f1": 0.8,
+                                  "local_val_accuracy": 0.9, "local_val_loss_after": 0.3}),
+        _fedmfs_reply(3, 10, {}, {"local_val_windows": 10, "local_val_weighted_f1": 0.5, "local_val_macro_f1": 0.4,
+                                  "local_val_accuracy": 0.5, "local_val_loss_after": 1.1})]
+    val = strat.round_validation(1, None, evaluate_fn=lambda r, a: pytest.fail("no global head to validate"))
+    assert val["val_weighted_f1"] == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
+    assert val["val_loss"] == pytest.approx((0.3 * 30 + 1.1 * 10) / 40)
+
+
+def test_personalized_evaluation_pools_every_client_s_held_out_predictions(tmp_path):
+    from sklearn.metrics import f1_score
+
+    labels = {2: np.array([0, 1, 1, 2]), 3: np.array([3, 3, 4])}
+    rng = np.random.default_rng(0)
+    probs = {s: {n: rng.random((len(y), 7)).astype(np.float32) for n in ("global", "personal")}
+             for s, y in labels.items()}
+
+    def behaviour(subject, msg):
+        assert msg.metadata.message_type == "evaluate" and msg.content["config"]["personal-eval"] == "finetune"
+        arrays = {"labels": labels[subject], **{f"probs-{n}": p for n, p in probs[subject].items()}}
+        return RecordDict({"arrays": numpy_to_arrays(arrays),
+                           "metrics": MetricRecord({"subject": subject, "personal_weighted_f1": 0.5})})
+
+    grid = ScriptedGrid([2, 3], behaviour)
+    strat = _strategy(tmp_path, [2, 3], 2)
+    out = strat.personalized_evaluation(grid, numpy_to_arrays({"w": np.zeros(1, np.float32)}), _empty_config(), 5)
+    y = np.concatenate([labels[2], labels[3]])
+    for name in ("global", "personal"):
+        pred = np.concatenate([probs[2][name], probs[3][name]]).argmax(1)
+        assert out[name]["weighted_f1"] == pytest.approx(f1_score(y, pred, labels=range(7), average="weighted",
+                                                                  zero_division=0))
+    assert out["subjects"] == [2, 3] and out["num_examples"] == 7 and out["method"] == "finetune"
+    assert out["per_subject"] == {"2": {"personal_weighted_f1": 0.5}, "3": {"personal_weighted_f1": 0.5}}
