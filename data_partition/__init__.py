@@ -10,6 +10,7 @@ from .cache import WindowCache, cache_key, clear_memo, load_cache
 from .config import PreprocessConfig
 from .constants import (
     DEFAULT_AUGMENT_SIGMA,
+    EXERCISE_NAMES,
     FOLDERS,
     MEX_SHA256,
     MEX_URL,
@@ -35,6 +36,7 @@ from .stats import NormStats
 __all__ = [
     "ChecksumError",
     "DEFAULT_AUGMENT_SIGMA",
+    "EXERCISE_NAMES",
     "FOLDERS",
     "MEX_SHA256",
     "MEX_URL",

@@ -126,13 +126,20 @@ def window_recording(
     duplicate timestamps dropped; every modality is linearly interpolated on time onto
     ``start + k / rate`` inside the span all modalities cover. Raises ``ValueError`` (the builder turns
     it into :class:`~data_partition.reader.MExFormatError`) when the recording is too short.
+
+    A modality absent from ``series`` (a sensor that did not record: ``model.predict`` on new recordings) gets
+    zero windows and no ``info`` entry, and the span is that of the present ones; the cache builder always
+    passes all four.
     """
     from .reader import MExFormatError
 
-    ref = min(int(series[m][0].min()) for m in MODALITIES)
+    present = [m for m in MODALITIES if m in series]
+    if not present:
+        raise MExFormatError(f"{name}: no modality recorded")
+    ref = min(int(series[m][0].min()) for m in present)
     cleaned: dict[str, CleanSeries] = {}
     info: dict[str, dict] = {}
-    for m in MODALITIES:
+    for m in present:
         t_us, x = series[m]
         c = clean_series(np.asarray(t_us, dtype=np.int64) - ref, x)
         first_us, last_us = (ref + int(c.t[0]), ref + int(c.t[-1])) if len(c.t) else (None, None)
@@ -155,11 +162,14 @@ def window_recording(
     starts = window_starts(t0, t1, cfg.window_s, cfg.step_s)
     if len(starts) == 0:
         raise MExFormatError(
-            f"{name}: recording too short for one {cfg.window_s:g} s window: the span all four modalities "
+            f"{name}: recording too short for one {cfg.window_s:g} s window: the span all {len(present)} modalities "
             f"cover is {max(t1 - t0, 0.0):.2f} s"
         )
     arrays: dict[str, np.ndarray] = {}
     for m in MODALITIES:
+        if m not in cleaned:
+            arrays[m] = np.zeros((len(starts), cfg.steps(m), *SAMPLE_SHAPES[m]), dtype=np.float16)
+            continue
         c = cleaned[m]
         with np.errstate(over="ignore"):
             v16 = resample_windows(c.t, c.x, starts, cfg.steps(m), cfg.rate(m), cfg.step_s, dtype=np.float16)

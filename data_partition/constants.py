@@ -34,6 +34,14 @@ FRAME_MODALITIES: tuple[str, ...] = ("dc", "pm")
 NUM_CLASSES = 7
 SUBJECTS: tuple[int, ...] = tuple(range(1, 31))
 EXERCISES: tuple[int, ...] = tuple(range(1, 8))
+#: The exercises by class index (exercise id - 1), as the MEx paper names them (Wijekoon et al., 2019); exercise 4
+#: (the clam) is recorded twice, once on each side.
+EXERCISE_NAMES: tuple[str, ...] = ("knee rolling", "bridging", "pelvic tilt", "the clam",
+                                   "repeated extension in lying", "prone punch", "superman")
+
+#: Sampling rates the sensors were set to (Hz): the accelerometers 100, depth camera and pressure mat 15 (the
+#: depth camera delivers 8.3-12 Hz in practice, docs/data.md). New recordings should come close (model.predict).
+RECORDED_HZ: dict[str, float] = {"act": 100.0, "acw": 100.0, "dc": 15.0, "pm": 15.0}
 
 #: UCI Machine Learning Repository archive of MEx (doi:10.24432/C59K6T).
 MEX_URL = "https://archive.ics.uci.edu/static/public/500/mex.zip"

@@ -301,12 +301,14 @@ def _nested_extract_dir(cache_dir: str | os.PathLike | None) -> Path:
     return d
 
 
-def scan_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> MExLayout:
+def scan_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+                require_all: bool = True) -> MExLayout:
     """Locate the four modality folders (at any depth) in a zip or folder and list the recordings.
 
     A zip (or folder) that holds no modality folder but wraps an inner ``.zip`` that does (the UCI
     download) is unwrapped once into ``<cache_dir>/nested/``.
-    Raises :class:`MExFormatError` when a modality folder is missing.
+    Raises :class:`MExFormatError` when a modality folder is missing (with ``require_all=False``, only when
+    none is found: new recordings without some sensor, ``model.predict``).
     """
     origin = Path(source).expanduser()
     if not origin.exists():
@@ -337,13 +339,13 @@ def scan_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None =
         for name in inner:
             target = _unwrap(origin, kind, name, cache_dir)
             try:
-                layout = scan_source(target, cache_dir)
+                layout = scan_source(target, cache_dir, require_all=require_all)
             except MExFormatError:
                 continue
             layout.origin = origin
             return layout
     missing = [m for m in MODALITIES if m not in roots]
-    if missing:
+    if missing and (require_all or not roots):
         details = ", ".join(
             f"'{FOLDERS[m]}' ({m}{': folder present but holds no recording files' if m in seen else ''})"
             for m in missing

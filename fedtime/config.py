@@ -114,6 +114,7 @@ class RunConfig:
     output_dir: str = "outputs"
     run_name: str = ""
     resume: str = ""
+    tensorboard: bool = True  # false: no TensorBoard event files (fedtime/tracking.py)
     # resources
     num_threads: int = key(1, ge=1)
     amp: str = key("off", choices=("off", "auto", "bf16", "fp16"))
@@ -232,7 +233,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("data-path", "normalization"),
     "scenario": ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction", "poison",
                  "poison-clients", "poison-scale", "labeled-fraction"),
-    "outputs": ("output-dir", "run-name", "resume"),
+    "outputs": ("output-dir", "run-name", "resume", "tensorboard"),
     "resources": ("num-threads", "amp", "eval-batch-size", "eval-bn-stats"),
 }
 

@@ -48,6 +48,17 @@ def open_data(cfg: RunConfig):
     return _data(cfg.data_source(), preprocess_config(cfg), cfg.split_seed)
 
 
+def checkpoint_meta(cfg: RunConfig, **extra: Any) -> dict[str, Any]:
+    """The ``meta`` of a run's ``best_model.safetensors`` header (`model.state.checkpoint_header`): ``extra``, the
+    run config and, with ``normalization = "global"``, the training subjects' statistics (`NormStats.to_dict`: a
+    mean and std per accelerometer axis and one per frame modality, well under 1 kB), so that ``python -m
+    model.predict`` normalises new recordings as the run did from the checkpoint alone."""
+    meta = {**extra, "run_config": cfg.to_run_config()}
+    if cfg.normalization == "global":
+        meta["norm_stats"] = open_data(cfg)[2].to_dict()
+    return meta
+
+
 def subject_of_partition(cfg: RunConfig, node_config: dict) -> int:
     """Partition id i ↦ the i-th training subject of the split (a node may also name its subject directly)."""
     split = paper_split(cfg.split_seed)

@@ -67,7 +67,7 @@ class ModelConfig:
     # what the latent generators (FedMobile-style) are distilled towards: "embedding" = the real embedding (MSE on
     # standardised embeddings; gate: reconstruction R² on held-out subjects); "prediction" = also the model's own
     # prediction with the real embedding, through the frozen fusion and classifier (KL; gate: the generated node
-    # lowers the held-out cross-entropy). model/generators.py, docs/strategies.md
+    # lowers the held-out cross-entropy). model/generators.py, docs/experiments/2026-11-22-strategies-log.md
     generator_objective: str = "embedding"
     # --- DART-CNN (dc, pm) -----------------------------------------------------------------------
     cnn_channels: tuple[int, ...] = (64, 128, 256, 512)

@@ -5,7 +5,8 @@ present. It is distilled towards the real embedding on samples where the modalit
 shared latent space) and, where the modality is absent, its output replaces the learned "missing" token and
 joins the fusion graph as a node.
 
-Three choices keep reconstruction from hurting the classifier (measured in docs/strategies.md):
+Three choices keep reconstruction from hurting the classifier (measured in
+docs/experiments/2026-11-22-strategies-log.md):
 * It works on standardised embeddings (running mean/variance of each modality's real embeddings, tracked in
   training like BatchNorm statistics): the last layer starts at zero, so a fresh generator predicts the mean
   and its distillation loss is 1 − R², whatever scale the encoders drift to.
@@ -21,8 +22,8 @@ The statistics and the quality travel with the trainable state (``federated_buff
 What a generator is distilled towards (``ModelConfig.generator_objective``): ``"embedding"``, the real embedding
 alone; or ``"prediction"``, also the model's own prediction with the real embedding, through the frozen fusion
 and classifier (KL, `MultimodalHAR.prediction_distill_loss`). Cross-subject R² of these embeddings stays low
-(most of their variance is subject-specific, docs/strategies.md), so an embedding-only generator never opens its
-gate; what the fusion needs from a filled node is the prediction it leads to. The gate follows the objective:
+(most of their variance is subject-specific, docs/experiments/2026-11-22-strategies-log.md), so an embedding-only
+generator never opens its gate; what the fusion needs from a filled node is the prediction it leads to. The gate follows the objective:
 R² above 0.3, or a generated node that lowers the held-out cross-entropy (``GATES``).
 """
 

@@ -46,15 +46,14 @@ def plot_learning_curves(history: Sequence[dict], path: "str | Path", title: str
     return path
 
 
-def plot_confusion_matrix(
+def confusion_figure(
     cm: "Sequence[Sequence[int]] | np.ndarray",
-    path: "str | Path",
     class_names: Sequence[str] = CLASS_NAMES,
     title: str = "",
     normalize: bool = True,
-) -> Path:
-    """Confusion matrix (rows = true class); row-normalised with the counts annotated."""
-    path = Path(path)
+) -> "plt.Figure":
+    """The confusion matrix (rows = true class) as an open figure, row-normalised with the counts annotated: for
+    `plot_confusion_matrix` and TensorBoard (`fedtime.tracking`, which closes it)."""
     cm = np.asarray(cm, dtype=float)
     shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -74,6 +73,19 @@ def plot_confusion_matrix(
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(
+    cm: "Sequence[Sequence[int]] | np.ndarray",
+    path: "str | Path",
+    class_names: Sequence[str] = CLASS_NAMES,
+    title: str = "",
+    normalize: bool = True,
+) -> Path:
+    """Confusion matrix (rows = true class) as a PNG; row-normalised with the counts annotated."""
+    path = Path(path)
+    fig = confusion_figure(cm, class_names, title, normalize)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

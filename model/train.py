@@ -10,8 +10,10 @@ options (monitor, label smoothing, modality dropout, subject batches) are separa
 Trains on the training subjects, selects the epoch on the validation subjects (early stopping
 restores the best), evaluates the test subjects once, and writes ``<output-dir>/<run>/``:
 ``results.json``, ``best_model.safetensors``, ``learning_curves.png``, ``confusion_matrix.png``,
-``pr_curves.png``. The input rates come from the model preset. results.json has the schema of federated runs
-(`fedtime.results`, mode "centralized": one row per epoch in ``history``, the best epoch in ``best``).
+``pr_curves.png`` and, unless run config ``tensorboard = false``, TensorBoard events in ``tensorboard/``
+(`fedtime.tracking`, the federated runs' tags). The input rates come from the model preset. results.json has the
+schema of federated runs (`fedtime.results`, mode "centralized": one row per epoch in ``history``, the best epoch
+in ``best``).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def build_results(run: str, rc, history: list[dict], *, test: dict, test_other: 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from fedtime import results as schema
-    from fedtime import task
+    from fedtime import task, tracking
 
     rc = run_config(args)
     torch.set_num_threads(rc.num_threads)
@@ -241,8 +243,8 @@ def main(argv=None) -> dict:
     plot_learning_curves([h for h in history if isinstance(h["epoch"], int)], out / "learning_curves.png", title)
     plot_confusion_matrix(test["confusion_matrix"], out / "confusion_matrix.png", title=f"test: {title}")
     plot_pr_curves(test["labels"], test["probabilities"], out / "pr_curves.png", title=f"test: {title}")
-    meta = {"run": run, "best_epoch": history[-1].get("best_epoch"), "val_weighted_f1": val["weighted_f1"],
-            "test_weighted_f1": test["weighted_f1"]}
+    meta = task.checkpoint_meta(rc, run=run, best_epoch=history[-1].get("best_epoch"),
+                                val_weighted_f1=val["weighted_f1"], test_weighted_f1=test["weighted_f1"])
     save_checkpoint(out / "best_model.safetensors", model, meta)
 
     timing = {"data": t_data, "train": t_train, "total": time.perf_counter() - t0}
@@ -259,8 +261,9 @@ def main(argv=None) -> dict:
         env={"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
              "python": platform.python_version(), "host_cpus": os.cpu_count()},
         artifacts=["results.json", "best_model.safetensors", "learning_curves.png", "confusion_matrix.png",
-                   "pr_curves.png"])
+                   "pr_curves.png", *(["tensorboard"] if rc.tensorboard else [])])
     schema.write_results(out / "results.json", results)
+    tracking.write_run(out, results, enabled=rc.tensorboard)  # from results.json's rows: the same figures
     print(f"wrote {out}/results.json", flush=True)
     return results
 

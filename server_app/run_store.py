@@ -9,6 +9,8 @@ Layout of `<output-dir>/<run>/`:
     checkpoint/state.json        the commit point: the round, the files above, sampler and early-stopping state
     checkpoint/rounds/global-NNN.safetensors   the last `keep_rounds` rounds' global states (average-last-rounds)
     plots/*.png
+    tensorboard/                 TensorBoard event files (run config `tensorboard`; `fedtime.tracking`): a round's
+                                 scalars once it is committed, the test figures at the end
 Every file is written atomically (temp file + rename), and a round's weights go to new files that only state.json,
 written last, points to: a run killed at any moment resumes from the last committed round, with its weights.
 """
@@ -27,6 +29,7 @@ from safetensors.numpy import load_file, save_file
 from data_partition.atomic import atomic_write
 from fedtime.results import (best_entry, finish_results, new_results, read_results, write_json,
                              write_results)
+from fedtime.tracking import Tracker
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -55,13 +58,15 @@ def load_arrays(path: Path) -> ArrayRecord:
 #: Run-config keys a resumed run may change (they do not change the training of the remaining rounds); every other
 #: difference is refused, naming the keys. Accepted changes are recorded in results.json (`resumed`).
 RESUMABLE_CHANGES = ("num-server-rounds", "patience", "round-timeout", "discovery-timeout", "min-train-replies",
-                     "resume", "run-name", "output-dir", "num-threads")
+                     "resume", "run-name", "output-dir", "num-threads", "tensorboard")
 
 
 class RunStore:
-    """Owns one run directory; `resume=True` requires a checkpoint there and continues it."""
+    """Owns one run directory; `resume=True` requires a checkpoint there and continues it. `tensorboard`: also
+    write each committed round and the final figures as TensorBoard events (`fedtime.tracking`)."""
 
-    def __init__(self, path: Path, config: dict[str, Any], *, resume: bool = False, keep_rounds: int = 0) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], *, resume: bool = False, keep_rounds: int = 0,
+                 tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.ckpt = self.path / "checkpoint"
         self.resume = resume
@@ -81,6 +86,8 @@ class RunStore:
             self.path.mkdir(parents=True, exist_ok=True)
             self.results = new_results("federated", self.path.name, config)
         self._t_start = time.time() - float(self.results.get("wall_time_s") or 0.0)
+        done = json.loads((self.ckpt / "state.json").read_text())["round"] if resume else 0  # committed rounds
+        self.tracker = Tracker(self.path, self.results["config"], enabled=tensorboard, step=done)
 
     @staticmethod
     def _check_compatible(old: dict, new: dict) -> dict[str, tuple]:
@@ -127,6 +134,7 @@ class RunStore:
         for p in [*self.ckpt.glob("global*.safetensors"), *self.ckpt.glob("best*.safetensors")]:
             if p.name not in (global_name, best_name):
                 p.unlink()
+        self.tracker.row(info)  # after the commit: a resumed run never writes a round twice
         if self.keep_rounds:
             for old in self.stored_rounds()[:-self.keep_rounds]:
                 self.round_path(old).unlink()
@@ -162,4 +170,5 @@ class RunStore:
         finish_results(self.results, status=status, test=test, wall_time_s=time.time() - self._t_start,
                        **(extra or {}))
         write_results(self.path / "results.json", self.results)
+        self.tracker.finish(self.results)
         return self.path / "results.json"

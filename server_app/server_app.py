@@ -65,7 +65,7 @@ def run(grid: Grid, context: Context) -> None:
     cache, split, _ = task.open_data(cfg)  # builds the window cache once, before any client needs it
     path = Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / run_name(cfg)
     store = RunStore(path.expanduser().resolve(), cfg.to_run_config(), resume=bool(cfg.resume),
-                     keep_rounds=cfg.average_last_rounds)
+                     keep_rounds=cfg.average_last_rounds, tensorboard=cfg.tensorboard)
     log(INFO, "run directory: %s", store.path)
 
     strategy = build_strategy(cfg, split=split, store=store)
@@ -113,8 +113,7 @@ def run(grid: Grid, context: Context) -> None:
                "model": model_entry(preset=cfg.model_preset, fusion=cfg.fusion, modalities=model.modalities,
                                     trainable_params=sum(v.numel() for v in trainable_state(model).values()),
                                     trainable_bytes=initial.count_bytes())},
-        header=checkpoint_header(model, {"best_round": best_round, "run_config": cfg.to_run_config()},
-                                 trainable_only=True))
+        header=checkpoint_header(model, task.checkpoint_meta(cfg, best_round=best_round), trainable_only=True))
     write_plots(store.path, store.results, test)
     if test is None:
         log(INFO, "best round %s | results: %s", best_round, path)

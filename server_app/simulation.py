@@ -57,6 +57,25 @@ def federation_config(nodes: int, cpus_per_client: float = 1.0, gpus_per_client:
     return f"num-supernodes={nodes} client-resources-num-cpus={cpus} client-resources-num-gpus={gpus_per_client}"
 
 
+PATH_KEYS = ("output-dir", "resume", "data-path")
+
+
+def absolute_paths(run_config: dict[str, Any], app_dir: Path) -> dict[str, Any]:
+    """The run config with its relative paths made absolute from the caller's working directory: the ServerApp
+    and ClientApps run in the simulation's own folder, where `outputs` or `resume="outputs/<run>"` would point
+    somewhere else. `output-dir` is always set (from the app's default when the run config has none);
+    `$FEDTIME_DATA_PATH` is made absolute the same way."""
+    out = dict(run_config)
+    if "output-dir" not in out:
+        defaults = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        out["output-dir"] = defaults.get("output-dir", "outputs")
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
 def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app_dir: Path = REPO_ROOT,
                    cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, timeout: float = 3600,
                    echo: bool = False, on_progress=None, marker: str | None = None,
@@ -74,8 +93,11 @@ def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app
         check_strategy_options(RunConfig.from_run_config({**flatten_tables(defaults), **flatten_tables(run_config)}))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    run_config = absolute_paths(run_config, Path(app_dir))
     marker = marker or f"sim-{uuid.uuid4().hex[:12]}"
     env = base_env(workdir / "flwr-home", marker)
+    if env.get("FEDTIME_DATA_PATH") and not Path(env["FEDTIME_DATA_PATH"]).expanduser().is_absolute():
+        env["FEDTIME_DATA_PATH"] = str(Path(env["FEDTIME_DATA_PATH"]).expanduser().resolve())
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     (workdir / "flwr-home").mkdir(exist_ok=True)

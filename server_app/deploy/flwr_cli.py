@@ -46,6 +46,9 @@ def base_env(flwr_home: Path | None = None, marker: str | None = None) -> dict[s
     # The app is shipped as a FAB; keep the repository importable for the
     # launcher processes all the same (they run from their own workdirs).
     env["PYTHONUNBUFFERED"] = "1"
+    # Ray's driver (the simulation engine) merges similar worker lines into "... [repeated 4x across cluster]",
+    # hiding which subject and round a client line belongs to: print each as written (unless the caller chose)
+    env.setdefault("RAY_DEDUP_LOGS", "0")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     if marker is not None:

@@ -118,6 +118,14 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
     return out
 
 
+def duration(seconds: float) -> str:
+    """`3m20s`, `1h05m`, `45s`: the round line's ETA, readable at a glance."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def _metrics(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
@@ -378,6 +386,7 @@ class MagnetFedAvg(FedAvg):
             result.arrays = self.best_arrays or arrays
             return result
         self.discover(grid, timeout)
+        walls: list[float] = []  # this process's rounds (a resumed run's earlier ones ran elsewhere)
         for rnd in range(first_round, num_rounds + 1):
             t0 = time.time()
             arrays, info = self.train_round(grid, rnd, arrays, train_config, timeout)
@@ -390,11 +399,13 @@ class MagnetFedAvg(FedAvg):
             result.train_metrics_clientapp[rnd] = MetricRecord(
                 {"train_loss": info["train_loss"], "num-examples": info["num_examples"]})
             result.evaluate_metrics_serverapp[rnd] = val
+            walls.append(info["wall_s"])
+            eta = f" | ETA {duration(sum(walls) / len(walls) * (num_rounds - rnd))}" if rnd < num_rounds else ""
             log(INFO, "[round %d/%d] clients %s | train loss %.4f | val loss %.4f acc %.4f wF1 %.4f mF1 %.4f | "
-                "up %.2f MB down %.2f MB | %.1f s%s", rnd, num_rounds,
+                "up %.2f MB down %.2f MB | %.1f s%s%s", rnd, num_rounds,
                 " ".join(f"{s:02d}" for s in info["trained"]), info["train_loss"], info["val_loss"],
                 info["val_accuracy"], info["val_weighted_f1"], info["val_macro_f1"], info["bytes_up"] / 1e6,
-                info["bytes_down"] / 1e6, info["wall_s"], " *best*" if improved else "")
+                info["bytes_down"] / 1e6, info["wall_s"], " *best*" if improved else "", eta)
             if store:
                 store.save_round(info, global_arrays=arrays, best_arrays=self.best_arrays,
                                  sampler=self.sampler.get_state(), early_stopping=asdict(self.early_stopping))

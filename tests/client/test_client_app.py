@@ -5,37 +5,21 @@ subject), and the Flower message handler answers with the trained state."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-
-import synthetic_mex  # noqa: E402
-
-from client_app import client_app  # noqa: E402
-from fedtime import task  # noqa: E402
-from fedtime.config import RunConfig  # noqa: E402
-from model import trainable_state  # noqa: E402
+from client_app import client_app
+from client_testutils import start_state
+from fedtime import task
+from fedtime.config import RunConfig
+from model import trainable_state
 
 SUBJECT = 2  # a training subject of split-seed 42
 
 
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> RunConfig:
-    zip_path = synthetic_mex.write_mex_zip(tmp_path_factory.mktemp("mex") / "mex.zip", subjects=range(1, 31),
-                                           duration_s=10.0)
-    return RunConfig.from_run_config({"model-preset": "tiny", "data-path": str(zip_path), "local-epochs": 1,
-                                      "batch-size": 8, "grad-accum": 1, "lr": 3e-3, "augment-sigma": 0.0})
+_start = start_state
 
-
-def _start(cfg: RunConfig, options: dict | None = None) -> dict:
-    torch.manual_seed(123)
-    model = task.model_for(cfg, options)
-    return {k: v.clone() for k, v in trainable_state(model).items()}
 
 
 def _distance(cfg: RunConfig, a: dict, b: dict) -> float:

@@ -4,43 +4,28 @@ mixing weights kept in the node's state, the alignment loss, the labelled share,
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-
-import synthetic_mex  # noqa: E402
-
-from client_app import client_app, fedepa, fedmfs  # noqa: E402
-from client_app.local_data import local_data  # noqa: E402
-from fedtime import task  # noqa: E402
-from fedtime.config import RunConfig  # noqa: E402
-from fedtime.scenario import Scenario  # noqa: E402
-from fedtime.shapley import shapley_values  # noqa: E402
-from model import trainable_state  # noqa: E402
-from model.alignment import ModalityAlignment  # noqa: E402
-from model.state import modality_encoder_keys  # noqa: E402
+from client_app import client_app, fedepa, fedmfs
+from client_app.local_data import local_data
+from client_testutils import start_state
+from fedtime import task
+from fedtime.config import RunConfig
+from fedtime.scenario import Scenario
+from fedtime.shapley import shapley_values
+from model import trainable_state
+from model.alignment import ModalityAlignment
+from model.state import modality_encoder_keys
 
 SUBJECT = 2  # a training subject of split-seed 42
 QUIET = dict(log=lambda s: None)
 
 
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> RunConfig:
-    zip_path = synthetic_mex.write_mex_zip(tmp_path_factory.mktemp("mex") / "mex.zip", subjects=range(1, 31),
-                                           duration_s=10.0)
-    return RunConfig.from_run_config({"model-preset": "tiny", "data-path": str(zip_path), "local-epochs": 1,
-                                      "batch-size": 8, "grad-accum": 1, "lr": 3e-3, "augment-sigma": 0.0})
+_start = start_state
 
-
-def _start(cfg: RunConfig, options: dict | None = None) -> dict:
-    torch.manual_seed(123)
-    return {k: v.clone() for k, v in trainable_state(task.model_for(cfg, options)).items()}
 
 
 def _context(cfg: RunConfig):
@@ -211,7 +196,7 @@ def test_the_alignment_loss_falls_on_a_toy_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0]
     # a training forward leaves it for the training loop; the output keeps the shape and starts as the identity
     align.train()

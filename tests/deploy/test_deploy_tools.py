@@ -98,11 +98,15 @@ def test_parse_json_output_ignores_log_lines():
         deploy.parse_json_output("no json here")
 
 
-def test_flower_env_is_set_for_every_process(tmp_path):
+def test_flower_env_is_set_for_every_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
     env = deploy.base_env(tmp_path, "m1")
     assert env["FLWR_HOME"] == str(tmp_path) and env[deploy.MARKER_ENV] == "m1"
     for key in ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
         assert key in env
+    assert env["RAY_DEDUP_LOGS"] == "0"  # client lines as written, not "[repeated 4x across cluster]"
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    assert deploy.base_env(tmp_path)["RAY_DEDUP_LOGS"] == "1"  # the caller's choice wins
 
 
 STUBBORN = """

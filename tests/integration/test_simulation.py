@@ -64,6 +64,23 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
         torch.testing.assert_close(v, stored[k])
     assert read_checkpoint_header(run_dir / "best_model.safetensors")["meta"]["best_round"] == best
     assert "[round 3/3]" in run.log()
+    log = run.log()
+    assert "| ETA " in log.split("[round 1/3]")[1].splitlines()[0]  # the round line says how long is left
+    # Ray's de-duplication is off: every client's line of every round, none merged into "[repeated Nx ...]"
+    assert "across cluster" not in log
+    assert all(f"[subject {s:02d} round {r} " in log for s in (2, 3, 6) for r in (1, 2, 3))
+    # the TensorBoard events (fedtime.tracking) hold results.json's rounds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for key, tag in (("val_weighted_f1", "val/weighted_f1"), ("train_loss", "train/loss"),
+                     ("bytes_up", "comm/bytes_up")):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (r["round"], pytest.approx(r[key], rel=1e-6)) for r in results["history"]], tag
+    assert [(e.step, e.value) for e in events.Scalars("test/weighted_f1")] == [
+        (3, pytest.approx(results["test"]["weighted_f1"], rel=1e-6))]
+    assert len(events.Images("test/confusion_matrix")) == 1
 
 
 def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):

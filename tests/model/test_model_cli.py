@@ -129,3 +129,36 @@ def test_centralized_cli_refuses_fewer_than_one_epoch(epochs, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--epochs", epochs])
     assert "--epochs: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def synthetic_zip(tmp_path_factory):
+    """All 30 subjects of a small synthetic MEx archive (tests/data/synthetic_mex.py): the paper split, in seconds."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    import synthetic_mex
+
+    return synthetic_mex.write_mex_zip(tmp_path_factory.mktemp("mex") / "mex.zip", subjects=range(1, 31),
+                                       duration_s=10.0)
+
+
+@pytest.mark.slow  # synthetic data, but a window cache of 30 subjects and two trainings: about a minute
+def test_centralized_cli_writes_tensorboard_events_of_its_epochs(synthetic_zip, tmp_path):
+    """The event files hold results.json's epochs and test figures (`fedtime.tracking`); tensorboard=false: none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--grad-accum", "1", "--data-path",
+              str(synthetic_zip), "--output-dir", str(tmp_path), "--threads", "1", "--max-batches", "5"]
+    res = main([*common, "--run-name", "tb"])
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    for key, tag in (("val_weighted_f1", "val/weighted_f1"), ("train_loss", "train/loss"), ("lr", "train/lr")):
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == [
+            (h["epoch"], pytest.approx(h[key], rel=1e-6)) for h in res["history"]]
+    assert [(e.step, e.value) for e in acc.Scalars("test/weighted_f1")] == [
+        (2, pytest.approx(res["test"]["weighted_f1"], rel=1e-6))]
+    assert len(acc.Images("test/confusion_matrix")) == 1 and "tensorboard" in res["artifacts"]
+    main([*common, "--run-name", "off", "--epochs", "1", "--run-config", "tensorboard=false"])
+    assert (tmp_path / "off" / "results.json").exists() and not (tmp_path / "off" / "tensorboard").exists()

@@ -151,3 +151,19 @@ def test_reading_a_run_config_imports_neither_flower_nor_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_simulation_makes_relative_paths_absolute_from_where_it_starts(tmp_path, monkeypatch):
+    """The app runs in the simulation's own folder: `outputs` or `resume="outputs/<run>"` must not be resolved
+    there (a run started by `make run` landed in outputs/.simulation/outputs/)."""
+    from pathlib import Path
+
+    from server_app.simulation import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    repo = Path(__file__).resolve().parents[2]
+    out = absolute_paths({"resume": "outputs/run-1", "data-path": "data/MEx.zip", "lr": 0.1}, repo)
+    assert out == {"resume": str(tmp_path / "outputs/run-1"), "data-path": str(tmp_path / "data/MEx.zip"),
+                   "lr": 0.1, "output-dir": str(tmp_path / "outputs")}  # the app's default, made absolute
+    assert absolute_paths({"output-dir": "/abs/out", "data-path": ""}, repo) == {"output-dir": "/abs/out",
+                                                                                 "data-path": ""}

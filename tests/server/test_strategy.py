@@ -505,3 +505,26 @@ def test_personalized_evaluation_pools_every_client_s_held_out_predictions(tmp_p
                                                                   zero_division=0))
     assert out["subjects"] == [2, 3] and out["num_examples"] == 7 and out["method"] == "finetune"
     assert out["per_subject"] == {"2": {"personal_weighted_f1": 0.5}, "3": {"personal_weighted_f1": 0.5}}
+
+
+def test_the_round_line_ends_with_an_eta_until_the_last_round(tmp_path, monkeypatch):
+    """ETA = mean wall time of this process's rounds x rounds left; none after the last round."""
+    from server_app.strategies import fedavg
+
+    lines = []
+    monkeypatch.setattr(fedavg, "log", lambda level, fmt, *args: lines.append(fmt % args))
+    clock, seconds = [0.0], {1: 100.0, 2: 180.0, 3: 60.0}  # each round's training takes this long
+
+    def train_round(self, grid, rnd, arrays, cfg, timeout):
+        clock[0] += seconds[rnd]
+        return arrays, {"trained": [2], "train_loss": 1.0, "num_examples": 1, "bytes_up": 0, "bytes_down": 0}
+
+    monkeypatch.setattr(fedavg.time, "time", lambda: clock[0])
+    monkeypatch.setattr(MagnetFedAvg, "discover", lambda self, grid, timeout: None)
+    monkeypatch.setattr(MagnetFedAvg, "train_round", train_round)
+    strat = make_strategy("fedavg", PAPER_TRAIN, 1, patience=0)
+    strat.start(None, numpy_to_arrays({"w": np.zeros(1, np.float32)}), num_rounds=3, evaluate_fn=lambda r, a: (
+        MetricRecord({"val_loss": 1.0, "val_accuracy": 0.5, "val_weighted_f1": 0.5, "val_macro_f1": 0.5})))
+    rounds = [line for line in lines if line.startswith("[round")]
+    assert [line.rpartition("|")[2].strip() for line in rounds] == ["ETA 3m20s", "ETA 2m20s", "60.0 s"]
+    assert fedavg.duration(45) == "45s" and fedavg.duration(3600 + 5 * 60 + 59) == "1h05m"
