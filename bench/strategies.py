@@ -52,6 +52,9 @@ STRATEGY_KEYS: dict[str, dict] = {"fedprox": {"fedprox.proximal-mu": 0.01},
                                                       "fedmfs.upload-modalities": g} for g in (1, 2, 3, 4)},
                                   "fedmfs-shared-g2": {"strategy": "fedmfs", "fedmfs.head": "shared",
                                                        "fedmfs.upload-modalities": 2},
+                                  # FedEPA without its alignment loss: the same windows in the loader (so the
+                                  # same optimizer steps), the personalized aggregation alone
+                                  "fedepa-noalign": {"strategy": "fedepa", "fedepa.alignment-weight": 0.0},
                                   "fedtrimmedavg": {"fedtrimmedavg.trim-beta": 0.2},
                                   "krum": {"krum.num-malicious": 2},
                                   # FedMobile's generators with plain sample weights: isolates the reconstruction

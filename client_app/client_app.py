@@ -14,7 +14,7 @@ from model import (adapt_batchnorm, class_weights_from_labels, evaluate, fit, lo
 from model.state import modality_encoder_keys
 from client_app import fedepa, fedmfs
 from client_app.local_data import LocalData, holdout_fraction, local_data
-from fedtime import task
+from fedtime import privacy, task
 from fedtime.config import RunConfig
 
 app = ClientApp()
@@ -91,7 +91,9 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, round_config: dict 
     `personal-eval-fraction`) a fixed, seeded share of the subject's windows is never trained on: the client
     reports the global model's and its trained model's loss there and the trained model's F1 (FedMobile's
     contribution, FedMFS's personal validation); FedMFS also measures each modality's Shapley value there and
-    uploads only its chosen encoders. `model`: an instance to train in (default: the process-wide one)."""
+    uploads only its chosen encoders. `model`: an instance to train in (default: the process-wide one).
+    Under user-level DP (`dp-clip` in the round's config) the update it sends is clipped, and noised when the
+    server asks for the clients' share of the noise (`privatize`)."""
     sent = dict(round_config or {})
     server_round = int(sent.get("server-round", 0))
     model = model if model is not None else task.model_for(cfg, task.options_from_message(sent))
@@ -134,7 +136,22 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, round_config: dict 
         trained, chosen = _fedmfs_upload(cfg, model, trained, sent, local, val_loader, node_state, server_round,
                                          metrics)
     new_state = task.scenario(cfg).poison_update(subject, trained, state)
+    if "dp-clip" in sent:
+        new_state = privatize(new_state, state, sent)
     return new_state, metrics
+
+
+def privatize(new_state: dict, global_state: dict, sent: dict) -> dict[str, torch.Tensor]:
+    """User-level differential privacy (docs/privacy.md): the update (what is sent minus the round's global state,
+    BatchNorm statistics included) clipped to `dp-clip`, plus N(0, `dp-noise-std`²) per value when the noise is
+    the clients' (`dp-noise = "client"`). Applied last, to whatever the client would send (an attacker's scaled
+    update too), as Flower's `fixedclipping_mod` wraps a whole ClientApp."""
+    def arrays(state: dict) -> dict[str, np.ndarray]:
+        return {k: torch.as_tensor(v).detach().cpu().numpy() for k, v in state.items()}
+
+    out = privacy.privatize(arrays(new_state), arrays(global_state), float(sent["dp-clip"]),
+                            float(sent.get("dp-noise-std", 0.0)))
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
 def _fedmfs_upload(cfg: RunConfig, model: torch.nn.Module, trained: dict, sent: dict, local: LocalData,

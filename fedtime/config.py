@@ -110,6 +110,12 @@ class RunConfig:
     poison_clients: int = key(0, ge=0)
     poison_scale: float = 10.0
     labeled_fraction: float = key(1.0, gt=0, le=1)  # share of each client's training windows that keeps its label
+    # privacy: user-level differential privacy of the weighted-mean strategies (docs/privacy.md)
+    dp_noise_multiplier: float = key(0.0, ge=0)  # z; 0 = DP off
+    dp_clip: float = key(1.0, gt=0)  # C: L2 norm a client's update is clipped to
+    dp_noise: str = key("server", choices=("server", "client"))  # who adds the Gaussian noise
+    dp_delta: float = key(1e-5, gt=0, lt=1)
+    dp_target_epsilon: float = key(0.0, ge=0)  # > 0: stop before a round that would exceed this ε
     # outputs
     output_dir: str = "outputs"
     run_name: str = ""
@@ -233,16 +239,18 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("data-path", "normalization"),
     "scenario": ("missing-rate", "missing-at-eval", "absent-modalities", "absent-fraction", "poison",
                  "poison-clients", "poison-scale", "labeled-fraction"),
+    "privacy": ("dp-noise-multiplier", "dp-clip", "dp-noise", "dp-delta", "dp-target-epsilon"),
     "outputs": ("output-dir", "run-name", "resume", "tensorboard"),
     "resources": ("num-threads", "amp", "eval-batch-size", "eval-bn-stats"),
 }
 
 #: Keys that only a federation has: the centralized trainer refuses them unless they keep their default (the
-#: paper's file sets some) — rounds, sampling, strategies and the scenarios that are drawn per client.
+#: paper's file sets some) — rounds, sampling, strategies, the scenarios that are drawn per client and user-level
+#: differential privacy.
 FEDERATED_ONLY = ("num-server-rounds", "local-epochs", "clients-per-round", "min-train-replies", "round-timeout",
                   "discovery-timeout", "average-last-rounds", "strategy", "modality-aware-averaging",
                   "personal-eval-fraction",
-                  *SECTIONS["scenario"], "resume")
+                  *SECTIONS["scenario"], *SECTIONS["privacy"], "resume")
 
 
 def parse_run_config(texts: "list[str] | tuple[str, ...]") -> dict[str, Any]:

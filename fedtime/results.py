@@ -8,7 +8,7 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
     mode            "federated" | "centralized"
     run             the run's name (its directory under output-dir)
     status          "running" (a federated run between rounds), "completed" (every round / epoch trained) or
-                    "early_stopped" (patience ran out)
+                    "early_stopped" (patience ran out, or a federated run's privacy budget: `privacy.stopped`)
     config          the run config, hyphenated keys as `fedtime.config.RunConfig.to_run_config()` writes them
     history         one row per round (federated) or per epoch (centralized), in order. Every row has its integer
                     `round` (federated) or `epoch` (centralized) and the same metric names in both modes:
@@ -16,9 +16,9 @@ Version 2 (`SCHEMA_VERSION`). Top-level keys of both modes (`COMMON_KEYS`):
                     `val_loss`, `val_accuracy`, `val_weighted_f1`, `val_macro_f1` (the validation subjects).
                     Federated rows also have clients (sampled subjects), trained (those that replied), failures,
                     num_examples, bytes_down, bytes_up, bytes_up_by_subject (serialized bytes each client sent),
-                    client_train_s, wall_s, best_round and, for some strategies, aggregation (what the strategy
-                    recorded: krum_selected, lacking, FedMobile's weights, FedMFS's uploaded encoders and Shapley
-                    values...). Centralized rows also have lr, train_ce, train_aux (and train_<term> of the other
+                    client_train_s, wall_s, best_round, epsilon (differentially private runs: ε after this round)
+                    and, for some strategies, aggregation (what the strategy recorded: krum_selected, lacking,
+                    FedMobile's weights, FedMFS's uploaded encoders and Shapley values...). Centralized rows also have lr, train_ce, train_aux (and train_<term> of the other
                     loss terms), train_samples, optimizer_steps, amp_skipped_steps, skipped_batches, train_time_s,
                     train_windows_per_s, epoch_time_s and best_epoch.
     best            the best validation round / epoch so far: {"round": n} (federated) or {"epoch": n}
@@ -50,7 +50,14 @@ Mode-specific top-level keys:
                     num_examples, global / personal {accuracy, weighted_f1, macro_f1} pooled over the clients'
                     held-out windows, per_subject, failures, never_trained, wall_s),
                     resumed (one entry per resume: {"at": timestamp, "changed": {key: [old, new]}} of the
-                    keys a resumption may change, server_app.run_store.RESUMABLE_CHANGES; only in resumed runs)
+                    keys a resumption may change, server_app.run_store.RESUMABLE_CHANGES; only in resumed runs),
+                    privacy (only with `dp-noise-multiplier` > 0; docs/privacy.md): mechanism ("gaussian,
+                    user-level, noise at server" | "... at client"), clip (C), noise_multiplier (z),
+                    noise_std_of_mean (z·C/m), sampling {clients_per_round (m), num_clients (N, the connected
+                    training subjects), method "without-replacement", sampler "os-entropy"}, neighbouring
+                    "replace-one", accountant, delta, epsilon (ε after each round, in order: the run's guarantee
+                    is the last), target_epsilon (0: none), stopped (None, or why the budget stopped the run:
+                    "budget: round 7 would reach ε=10.3 > 10")
     centralized     command, args (the CLI's arguments), subject_batches, train_config (the TrainConfig),
                     preprocess (the PreprocessConfig), split (train / val / test subjects), windows (per part),
                     class_weights, timing_s (data / train / total), env, artifacts

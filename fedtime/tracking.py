@@ -35,7 +35,7 @@ from data_partition.constants import MODALITIES
 ROW_TAGS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "lr": "train/lr",
             "val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_weighted_f1": "val/weighted_f1",
             "val_macro_f1": "val/macro_f1", "bytes_up": "comm/bytes_up", "bytes_down": "comm/bytes_down",
-            "wall_s": "time/round_s", "epoch_time_s": "time/epoch_s"}
+            "wall_s": "time/round_s", "epoch_time_s": "time/epoch_s", "epsilon": "privacy/epsilon"}
 TEST_METRICS = ("loss", "accuracy", "weighted_f1", "macro_f1")
 FOLDER = "tensorboard"
 

@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
 from data_partition.atomic import atomic_write
+from fedtime.config import RunConfig
 from fedtime.results import (best_entry, finish_results, new_results, read_results, write_json,
                              write_results)
 from fedtime.tracking import Tracker
@@ -77,6 +78,8 @@ class RunStore:
             self.results = read_results(self.path / "results.json")  # a run of an earlier version: upgraded
             changed = self._check_compatible(self.results["config"], config)
             self.results["config"].update({k: new for k, (_, new) in changed.items()})
+            # keys this version added, at their defaults (`_check_compatible`), join the config unrecorded
+            self.results["config"].update({k: v for k, v in config.items() if k not in self.results["config"]})
             self.results.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                            "changed": {k: list(v) for k, v in changed.items()}})
         else:
@@ -92,8 +95,12 @@ class RunStore:
     @staticmethod
     def _check_compatible(old: dict, new: dict) -> dict[str, tuple]:
         """The changed keys {key: (old, new)} of a resumption, all in `RESUMABLE_CHANGES`; any other changed key
-        (one that changes how the remaining rounds train or are scored) is refused, naming each."""
-        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        (one that changes how the remaining rounds train or are scored) is refused, naming each. A key the run's
+        config lacks (a run of an earlier version) that has its default now is no change: a new key's default keeps
+        the behaviour the code had before it (e.g. `dp-noise-multiplier = 0`, no differential privacy)."""
+        defaults = RunConfig().to_run_config()
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])}
         refused = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
         if refused:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())

@@ -107,7 +107,8 @@ def run(grid: Grid, context: Context) -> None:
     if cfg.personal_eval_fraction > 0:
         extra["personalized"] = strategy.personalized_evaluation(grid, best, ConfigRecord(strategy.client_config()),
                                                                  cfg.round_timeout)
-    status = "early_stopped" if strategy.early_stopping.should_stop else "completed"
+    # patience ran out, or the privacy budget (`privacy.stopped` says which round it would have exceeded)
+    status = "early_stopped" if strategy.early_stopping.should_stop or strategy.stop_reason else "completed"
     path = store.finish(status=status, best_arrays=best, test=entry,
         extra={**extra, "final_model": final, "scenario": task.scenario(cfg).describe(),
                "model": model_entry(preset=cfg.model_preset, fusion=cfg.fusion, modalities=model.modalities,

@@ -38,13 +38,15 @@ register(MagnetFedEPA)
 
 def check_strategy_options(cfg: RunConfig) -> None:
     """Every strategy table of the run config names a registered strategy and holds only its keys, well typed and
-    in range (the defaults carry every strategy's table, so a misspelling anywhere is refused, not ignored)."""
+    in range (the defaults carry every strategy's table, so a misspelling anywhere is refused, not ignored); the
+    chosen strategy accepts the shared keys set (`MagnetFedAvg.check_shared_keys`)."""
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"run-config key 'strategy' must be one of {sorted(STRATEGIES)}, got '{cfg.strategy}'")
     for table in cfg.strategy_options:
         if table not in STRATEGIES:
             raise ConfigError(f"run-config table '{table}' names no strategy (strategies: {sorted(STRATEGIES)})")
         STRATEGIES[table].read_params(cfg)
+    STRATEGIES[cfg.strategy].check_shared_keys(cfg)  # e.g. DP with a robust strategy, before any data is read
 
 
 def build_strategy(cfg: RunConfig, *, split: Any, store: Any = None) -> MagnetFedAvg:

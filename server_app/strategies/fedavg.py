@@ -8,7 +8,10 @@ Flower's `Strategy.start` loops 1..N with no stop hook, no resume and samples no
   * aggregates only what clients send (trainable state), sample-weighted, in float64, in subject order;
   * validates on the server after every round, keeps the best round and stops after `patience` rounds
     without improvement;
-  * checkpoints global/best weights plus sampler and early-stopping state after every round.
+  * checkpoints global/best weights plus sampler and early-stopping state after every round;
+  * with `dp-noise-multiplier` > 0, is user-level differentially private (server_app/privacy.py): clipped updates,
+    their uniform mean plus Gaussian noise in place of the weighted mean, subjects drawn with OS entropy, ε after
+    every round and a budget that stops the run.
 
 A strategy owns its configuration: `Params` (a dataclass of its own keys, the run config's `[<name>]` table),
 `model_options` (what the model needs for it) and `client_config` (what its clients receive every round, in
@@ -18,6 +21,7 @@ Flower's train config). `from_config` builds it from a RunConfig; docs/architect
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
@@ -33,6 +37,7 @@ from data_partition.splits import shuffle_order
 from fedtime.config import ConfigError, RunConfig, check_fields, coerce_fields
 from fedtime.task import options_to_message
 from model.state import modality_encoder_keys
+from server_app.privacy import UserLevelDP
 from server_app.run_store import RunStore, arrays_to_numpy, numpy_to_arrays
 
 
@@ -43,27 +48,42 @@ class FederationError(RuntimeError):
 # --------------------------------------------------------------------------- sampling
 class ClientSampler:
     """Samples subjects per round exactly like the paper's script (`random.seed(s)`, shuffle 1..30, then
-    `random.sample(train_clients, k)` on the same RNG), restricted to the subjects that are connected."""
+    `random.sample(train_clients, k)` on the same RNG), restricted to the subjects that are connected.
 
-    def __init__(self, split_seed: int, train_subjects: Iterable[int]) -> None:
+    `secret=True` (under differential privacy) draws them with the operating system's entropy instead: the
+    accountant's privacy amplification by sampling holds only if nobody can predict the sample, and the paper's
+    sequence follows from the split seed written in results.json. Such a sampler has no state to checkpoint."""
+
+    def __init__(self, split_seed: int, train_subjects: Iterable[int], secret: bool = False) -> None:
         self.rng = random.Random(split_seed)
         train = set(train_subjects)
         # the split's shuffle on this RNG (consumed exactly as the split did); train subjects in that order
         self.order = [s for s in shuffle_order(split_seed, rng=self.rng) if s in train]
+        self.secret = secret
+        if secret:
+            self.rng = secrets.SystemRandom()
+
+    def pool(self, available: Iterable[int]) -> list[int]:
+        """The training subjects among `available` that `sample` draws from."""
+        avail = set(available)
+        return [s for s in self.order if s in avail]
 
     def sample(self, available: Iterable[int], k: int) -> list[int]:
-        avail = set(available)
-        pool = [s for s in self.order if s in avail]
+        pool = self.pool(available)
         if len(pool) < k:
             raise FederationError(f"cannot sample {k} clients: only {len(pool)} training subjects are "
                                   f"connected ({sorted(pool)})")
         return self.rng.sample(pool, k)
 
-    def get_state(self) -> list:
+    def get_state(self) -> list | None:
+        if self.secret:
+            return None
         version, internal, gauss = self.rng.getstate()
         return [version, list(internal), gauss]
 
-    def set_state(self, state: list) -> None:
+    def set_state(self, state: list | None) -> None:
+        if self.secret or state is None:
+            return
         self.rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
@@ -159,12 +179,11 @@ class MagnetFedAvg(FedAvg):
         self.params = params if params is not None else self.Params()
         if not isinstance(self.params, self.Params):
             raise TypeError(f"{type(self).__name__} takes {self.Params.__qualname__}, got {type(self.params).__name__}")
-        if cfg.modality_aware_averaging and not self.weighted_mean:
-            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to the weighted-mean strategies, "
-                              f"not to '{self.name}'")
+        self.check_shared_keys(cfg)
         self.clients_per_round = cfg.clients_per_round
         self.min_train_replies = cfg.min_train_replies
-        self.sampler = ClientSampler(cfg.split_seed, train_subjects)
+        self.dp = UserLevelDP.from_config(cfg)  # None: DP off
+        self.sampler = ClientSampler(cfg.split_seed, train_subjects, secret=self.dp is not None)
         self.early_stopping = EarlyStopping(cfg.patience)
         self.store = store
         self.subject_of_node: dict[int, int] = {}
@@ -173,8 +192,26 @@ class MagnetFedAvg(FedAvg):
         self.global_state: dict[str, np.ndarray] = {}  # the global model the round's clients started from
         self.modality_aware_averaging = cfg.modality_aware_averaging
         self.round_replies: list[ClientReply] = []  # the last round's successful replies
+        self.privacy: dict[str, Any] | None = None  # results.json's `privacy` block (DP runs)
+        self.stop_reason: str | None = None  # why the run stopped before its last round, other than patience
 
     # ----- configuration
+    @classmethod
+    def check_shared_keys(cls, cfg: RunConfig) -> None:
+        """The shared keys this strategy cannot honour, refused by name: `modality-aware-averaging` and DP apply to
+        the weighted-mean strategies only (DP bounds one user's influence through the uniform mean of clipped
+        updates, which a median, trimmed mean or Krum's pick is not), and DP replaces the modality-aware weights
+        (counts of a client's own windows) by that uniform mean."""
+        if cfg.modality_aware_averaging and not cls.weighted_mean:
+            raise ConfigError(f"run-config key 'modality-aware-averaging' applies to the weighted-mean strategies, "
+                              f"not to '{cls.name}'")
+        if cfg.dp_noise_multiplier > 0 and not cls.weighted_mean:
+            raise ConfigError(f"run-config key 'dp-noise-multiplier' (user-level differential privacy) applies to "
+                              f"the weighted-mean strategies, not to '{cls.name}'")
+        if cfg.dp_noise_multiplier > 0 and cfg.modality_aware_averaging:
+            raise ConfigError("run-config keys 'dp-noise-multiplier' and 'modality-aware-averaging' exclude each "
+                              "other: under differential privacy every update enters the uniform mean")
+
     @classmethod
     def read_params(cls, cfg: RunConfig) -> Any:
         """This strategy's `Params` from the run config's `[<name>]` table: unknown keys, wrong types, non-finite
@@ -213,7 +250,12 @@ class MagnetFedAvg(FedAvg):
         """`weighted_average` of the replies' `keys`. With `modality-aware-averaging`, modality m's encoder is
         averaged with each weight scaled by the share of that client's training windows that have m: a client
         without the sensor sends its encoder back untrained, and a plain average would dilute the others'
-        update by its weight. Clients with no window of m are recorded in `aggregation.lacking`."""
+        update by its weight. Clients with no window of m are recorded in `aggregation.lacking`.
+        Under DP: the global state plus the noisy uniform mean of the clipped updates over the m sampled clients
+        (`weights` ignored; a strategy calls it once per array, as every call adds fresh noise)."""
+        if self.dp is not None:
+            return self.dp.mean([r.state for r in replies], self.global_state, keys)
+
         def mean(ks: list[str], ws: list[float]) -> dict:
             return weighted_average([{k: r.state[k] for k in ks} for r in replies], ws)
 
@@ -295,7 +337,9 @@ class MagnetFedAvg(FedAvg):
                     timeout: float) -> tuple[ArrayRecord, dict[str, Any]]:
         subjects = self.sampler.sample(self.subject_of_node.values(), self.clients_per_round)
         node_of = {s: n for n, s in self.subject_of_node.items()}
-        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), "server-round": server_round})
+        dp_config = self.dp.round_config() if self.dp is not None else {}
+        cfg = ConfigRecord({**dict(config), **self.round_config(server_round), **dp_config,
+                            "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": cfg})
         msgs = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_of[s])
                 for s in subjects]
@@ -310,6 +354,7 @@ class MagnetFedAvg(FedAvg):
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             return self.subject_of_node.get(node, -1)
 
+        self.global_state = arrays_to_numpy(arrays)  # the round's starting point, for strategies that step from it
         replies, failures, ok_messages = [], [], []
         answered = set()
         for m in sorted(raw, key=subject_of):
@@ -326,6 +371,10 @@ class MagnetFedAvg(FedAvg):
                 failures.append({"subject": subject, "reason": f"non-finite values in {len(bad)} array(s): "
                                                                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"})
                 continue
+            refused = self.dp.refuse(state, self.global_state) if self.dp is not None else None
+            if refused:  # under DP: a zero update in the uniform mean, like a client that did not answer
+                failures.append({"subject": subject, "reason": refused})
+                continue
             ok_messages.append(m)
             met = dict(_metrics(m))
             replies.append(ClientReply(subject, int(met["num-examples"]), state,
@@ -341,7 +390,6 @@ class MagnetFedAvg(FedAvg):
                                   f"min-train-replies={self.min_train_replies}; failures: {failures}")
         self.aggregation_info = {}
         self.round_replies = replies
-        self.global_state = arrays_to_numpy(arrays)  # the round's starting point, for strategies that step from it
         new_state = self.aggregate(server_round, replies, ok_messages)
         n = sum(r.num_examples for r in replies)
         info = {
@@ -386,8 +434,12 @@ class MagnetFedAvg(FedAvg):
             result.arrays = self.best_arrays or arrays
             return result
         self.discover(grid, timeout)
+        if self.dp is not None:
+            self.start_accounting(first_round - 1)
         walls: list[float] = []  # this process's rounds (a resumed run's earlier ones ran elsewhere)
         for rnd in range(first_round, num_rounds + 1):
+            if self.over_budget(rnd):
+                break
             t0 = time.time()
             arrays, info = self.train_round(grid, rnd, arrays, train_config, timeout)
             val = self.round_validation(rnd, arrays, evaluate_fn)
@@ -396,16 +448,21 @@ class MagnetFedAvg(FedAvg):
                 self.best_arrays = arrays
             info.update({k: float(v) for k, v in val.items()})
             info.update(round=rnd, wall_s=time.time() - t0, best_round=self.early_stopping.best_round)
+            eps_note = ""
+            if self.dp is not None:
+                info["epsilon"] = self.dp.epsilon(rnd)
+                self.privacy["epsilon"].append(info["epsilon"])
+                eps_note = f" | ε {info['epsilon']:.3g} (δ {self.dp.delta:g})"
             result.train_metrics_clientapp[rnd] = MetricRecord(
                 {"train_loss": info["train_loss"], "num-examples": info["num_examples"]})
             result.evaluate_metrics_serverapp[rnd] = val
             walls.append(info["wall_s"])
             eta = f" | ETA {duration(sum(walls) / len(walls) * (num_rounds - rnd))}" if rnd < num_rounds else ""
             log(INFO, "[round %d/%d] clients %s | train loss %.4f | val loss %.4f acc %.4f wF1 %.4f mF1 %.4f | "
-                "up %.2f MB down %.2f MB | %.1f s%s%s", rnd, num_rounds,
+                "up %.2f MB down %.2f MB%s | %.1f s%s%s", rnd, num_rounds,
                 " ".join(f"{s:02d}" for s in info["trained"]), info["train_loss"], info["val_loss"],
                 info["val_accuracy"], info["val_weighted_f1"], info["val_macro_f1"], info["bytes_up"] / 1e6,
-                info["bytes_down"] / 1e6, info["wall_s"], " *best*" if improved else "", eta)
+                info["bytes_down"] / 1e6, eps_note, info["wall_s"], " *best*" if improved else "", eta)
             if store:
                 store.save_round(info, global_arrays=arrays, best_arrays=self.best_arrays,
                                  sampler=self.sampler.get_state(), early_stopping=asdict(self.early_stopping))
@@ -415,6 +472,46 @@ class MagnetFedAvg(FedAvg):
                 break
         result.arrays = self.best_arrays
         return result
+
+    # ----- differential privacy
+    def start_accounting(self, rounds_done: int) -> None:
+        """The accountant's population (the connected training subjects the sampler draws from) and results.json's
+        `privacy` block, its ε recomputed from the rounds already done (a resumed run continues the accounting; its
+        population must be the one those rounds were sampled from)."""
+        population = len(self.sampler.pool(self.subject_of_node.values()))
+        if population < self.clients_per_round:
+            raise FederationError(f"cannot sample {self.clients_per_round} clients: only {population} training "
+                                  f"subjects are connected")
+        before = (self.store.results.get("privacy") or {}) if self.store else {}
+        earlier = (before.get("sampling") or {}).get("num_clients")
+        if rounds_done and earlier is not None and earlier != population:
+            raise FederationError(f"the run's first {rounds_done} round(s) sampled from {earlier} training subjects, "
+                                  f"{population} are connected now: the privacy accounting assumes one population; "
+                                  f"connect the same SuperNodes")
+        self.dp.population = population
+        self.privacy = self.dp.record(rounds_done)
+        if self.store:
+            self.store.results["privacy"] = self.privacy
+        log(INFO, "differential privacy: %s, z %g, clip %g, %d of %d subjects per round, δ %g%s",
+            self.privacy["mechanism"], self.dp.noise_multiplier, self.dp.clip, self.dp.clients, population,
+            self.dp.delta, f", budget ε {self.dp.target_epsilon:g}" if self.dp.target_epsilon > 0 else "")
+
+    def over_budget(self, server_round: int) -> bool:
+        """Whether round `server_round` would take ε past `dp-target-epsilon` (then why is recorded in
+        `privacy.stopped` and `stop_reason`). A budget that allows not even the first round is a config error."""
+        if self.dp is None or not self.dp.target_epsilon > 0:
+            return False
+        eps = self.dp.epsilon(server_round)
+        if eps <= self.dp.target_epsilon:
+            return False
+        if server_round == 1:
+            raise ConfigError(f"run-config key 'dp-target-epsilon' = {self.dp.target_epsilon:g} allows no round: "
+                              f"one round already reaches ε={eps:.3g} (δ {self.dp.delta:g})")
+        self.stop_reason = self.privacy["stopped"] = (f"budget: round {server_round} would reach ε={eps:.3g} > "
+                                                      f"{self.dp.target_epsilon:g}")
+        log(INFO, "privacy budget: stopping before round %d, which would reach ε=%.3g > dp-target-epsilon=%g "
+            "(δ %g)", server_round, eps, self.dp.target_epsilon, self.dp.delta)
+        return True
 
     # ----- after the run
     def personalized_evaluation(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord,

@@ -54,9 +54,12 @@ class MagnetFedMFS(MagnetFedAvg):
         self.fresh: list[str] | None = None  # modalities whose global encoder the last round updated
 
     def round_config(self, server_round: int) -> dict[str, Any]:
-        if self.fresh is None and self.store is not None and self.store.results.get("history"):
-            last = self.store.results["history"][-1].get("aggregation", {}).get("uploaded", {})  # resumed run
-            self.fresh = sorted({m for ms in last.values() for m in ms})
+        if self.fresh is None and self.store is not None and self.store.results.get("history"):  # resumed run
+            if self.dp is not None:  # under DP every encoder changed (`aggregate`)
+                self.fresh = list(self.cfg.modality_list)
+            else:
+                last = self.store.results["history"][-1].get("aggregation", {}).get("uploaded", {})
+                self.fresh = sorted({m for ms in last.values() for m in ms})
         return {"fedmfs-fresh": ",".join(self.fresh or [])}
 
     @property
@@ -75,20 +78,27 @@ class MagnetFedMFS(MagnetFedAvg):
                 "local-val-fraction": float(p.local_val_fraction)}
 
     def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
-        """Each array: the sample-weighted mean over the replies that carry it, else the round's global value."""
+        """Each array: the sample-weighted mean over the replies that carry it, else the round's global value.
+        Under DP: the noisy uniform mean over the m sampled clients of every array, an array a client did not
+        send being a zero update; every global array then changes (by the noise at least), so every modality is
+        fresh (which encoders someone uploaded is the clients' own choice and stays out of the next round's
+        config)."""
         keys = list(self.global_state)
-        out = dict(self.global_state)
-        for k in keys:
-            holders = [r for r in replies if k in r.state]
-            if holders:
-                out[k] = weighted_average([{k: r.state[k]} for r in holders],
-                                          [float(r.num_examples) for r in holders])[k]
         unknown = sorted({k for r in replies for k in r.state} - set(keys))
         if unknown:
             raise FederationError(f"round {server_round}: replies carry arrays the global model does not have: "
                                   f"{unknown[:3]}")
+        out = dict(self.global_state)
+        if self.dp is not None:
+            out = self.average(replies, [], keys)
+        else:
+            for k in keys:
+                holders = [r for r in replies if k in r.state]
+                if holders:
+                    out[k] = weighted_average([{k: r.state[k]} for r in holders],
+                                              [float(r.num_examples) for r in holders])[k]
         groups = modality_encoder_keys(keys)
-        self.fresh = [m for m, ks in groups.items() if any(ks[0] in r.state for r in replies)]
+        self.fresh = [m for m, ks in groups.items() if self.dp is not None or any(ks[0] in r.state for r in replies)]
         self.aggregation_info = {
             "uploaded": {str(r.subject): [m for m, ks in groups.items() if ks and ks[0] in r.state] for r in replies},
             "shapley": {str(r.subject): {m: round(r.metrics[f"shapley-{m}"], 4) for m in groups

@@ -98,6 +98,8 @@ class MagnetFedMobile(MagnetFedAvg):
                 unmeasured)
 
     def aggregate(self, server_round: int, replies: list[ClientReply], messages: list[Message]) -> dict:
+        if self.dp is not None:
+            return self.private_aggregate(replies)
         weights = self.aggregation_weights(replies)
         keys = list(replies[0].state)
         gen_keys = [k for k in keys if k.startswith("generators.")]
@@ -146,3 +148,18 @@ class MagnetFedMobile(MagnetFedAvg):
                 info["generator_quality"] = [round(float(q), 4) for q in r2]
         self.aggregation_info = info
         return {k: body[k] for k in keys}
+
+    def private_aggregate(self, replies: list[ClientReply]) -> dict:
+        """Under DP: every array (generators included) is the noisy uniform mean of the clipped updates: the
+        contribution weights and the generators' Shapley weights are functions of single clients' data, which
+        would let one client's influence exceed the clip. The generators' quality gate is still measured on the
+        server's proxy set, from the private aggregate (post-processing)."""
+        keys = list(self.global_state)
+        body = self.average(replies, [], keys)
+        gen_keys = [k for k in keys if k.startswith("generators.")]
+        if self.generator_proxy is not None and "generators.quality" in body:
+            self.generator_proxy.prepare(body)
+            q = self.generator_proxy.quality({k: body[k] for k in gen_keys})
+            body["generators.quality"] = np.asarray(q, dtype=body["generators.quality"].dtype)
+            self.aggregation_info = {"generator_quality": [round(float(v), 4) for v in q]}
+        return body

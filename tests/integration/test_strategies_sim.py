@@ -97,3 +97,21 @@ def test_strategy_runs_two_rounds_in_simulation(strategy, mex_path, tmp_path):
         assert len(sc["poisoned_subjects"]) == 1
     if strategy == "fedtrimmedavg":
         assert len(sc["absent_subjects"]) == 5  # a quarter of the 21 training subjects lack dc
+
+
+@pytest.mark.slow
+def test_fedavg_with_user_level_dp_records_epsilon_every_round(mex_path, tmp_path):
+    """docs/privacy.md end to end: clients clip, the server adds the noise and accounts; 4 of 4 nodes sampled
+    (no amplification), so ε is large but finite, and grows with the rounds."""
+    rc = {**TINY, "strategy": "fedavg", "dp-noise-multiplier": 0.5, "dp-clip": 1.0, "data-path": str(mex_path),
+          "output-dir": str(tmp_path / "out"), "run-name": "dp"}
+    run = run_simulation(rc, nodes=4, workdir=tmp_path / "sim", timeout=900)
+    assert run.ok, f"status {run.status}; log tail:\n{run.log()[-4000:]}"
+    res = json.loads((tmp_path / "out" / "dp" / "results.json").read_text())
+    assert res["status"] == "completed" and [r["round"] for r in res["history"]] == [1, 2]
+    p = res["privacy"]
+    assert p["sampling"]["clients_per_round"] == 4 and p["sampling"]["num_clients"] == 4
+    assert len(p["epsilon"]) == 2 and all(np.isfinite(p["epsilon"])) and p["epsilon"][0] < p["epsilon"][1]
+    assert [r["epsilon"] for r in res["history"]] == p["epsilon"] and p["stopped"] is None
+    assert all(r["failures"] == [] for r in res["history"])  # every client's update came clipped
+    assert "| ε " in run.log()  # the round line shows it
