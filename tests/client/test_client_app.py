@@ -18,10 +18,6 @@ from model import trainable_state
 SUBJECT = 2  # a training subject of split-seed 42
 
 
-_start = start_state
-
-
-
 def _distance(cfg: RunConfig, a: dict, b: dict) -> float:
     """Squared distance over the trained parameters (what FedProx's term pulls; BatchNorm buffers are not)."""
     params = {n for n, p in task.model_for(cfg).named_parameters() if p.requires_grad}
@@ -30,7 +26,7 @@ def _distance(cfg: RunConfig, a: dict, b: dict) -> float:
 
 def test_the_round_s_proximal_mu_reaches_local_training(cfg):
     """A large FedProx mu keeps the client near the global model; without the wiring both runs are equal."""
-    start = _start(cfg)
+    start = start_state(cfg)
     free, _ = client_app.train_subject(cfg, SUBJECT, start, {"server-round": 1}, log=lambda s: None)
     held, _ = client_app.train_subject(cfg, SUBJECT, start, {"server-round": 1, "proximal-mu": 50.0},
                                        log=lambda s: None)
@@ -38,7 +34,7 @@ def test_the_round_s_proximal_mu_reaches_local_training(cfg):
 
 
 def test_local_steps_are_seeded_by_seed_round_and_subject(cfg):
-    start = _start(cfg)
+    start = start_state(cfg)
     a, ma = client_app.train_subject(cfg, SUBJECT, start, {"server-round": 3}, log=lambda s: None)
     b, _ = client_app.train_subject(cfg, SUBJECT, start, {"server-round": 3}, log=lambda s: None)
     c, _ = client_app.train_subject(cfg, SUBJECT, start, {"server-round": 4}, log=lambda s: None)
@@ -58,7 +54,7 @@ def test_class_weights_are_the_subject_s_own_balanced_weights(cfg, monkeypatch):
         return real_fit(model, loader, train_cfg, **kw)
 
     monkeypatch.setattr(client_app, "fit", spy)
-    client_app.train_subject(cfg, SUBJECT, _start(cfg), {"server-round": 1}, log=lambda s: None)
+    client_app.train_subject(cfg, SUBJECT, start_state(cfg), {"server-round": 1}, log=lambda s: None)
     labels = task.dataset(cfg, [SUBJECT], train=True).labels
     counts = np.bincount(labels, minlength=7)
     expected = np.where(counts > 0, len(labels) / ((counts > 0).sum() * np.maximum(counts, 1)), 0.0)
@@ -69,7 +65,7 @@ def test_class_weights_are_the_subject_s_own_balanced_weights(cfg, monkeypatch):
 def test_fedmobile_s_settings_hold_out_windows_and_add_its_generators(cfg):
     """What FedMobile sends (`local-val-fraction`, its model options) decides the hold-out and the model."""
     options = {"latent_generators": True, "generator_objective": "embedding"}
-    start = _start(cfg, options)
+    start = start_state(cfg, options)
     sent = {"server-round": 1, "local-val-fraction": 0.25, **task.options_to_message(options)}
     state, metrics = client_app.train_subject(cfg, SUBJECT, start, sent, log=lambda s: None)
     n = len(task.dataset(cfg, [SUBJECT], train=True))
@@ -87,7 +83,7 @@ def test_the_train_message_handler_answers_with_the_trained_state(cfg):
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    start = _start(cfg)
+    start = start_state(cfg)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config=cfg.to_run_config())
     msg = Message(RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord({"server-round": 2})}),

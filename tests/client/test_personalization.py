@@ -24,10 +24,6 @@ SUBJECT = 2  # a training subject of split-seed 42
 QUIET = dict(log=lambda s: None)
 
 
-_start = start_state
-
-
-
 def _context(cfg: RunConfig):
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -98,7 +94,7 @@ def test_a_fedmfs_reply_carries_only_the_chosen_encoders_and_its_bytes_are_the_p
     context = _context(cfg)
     sent = {"server-round": 1, "upload-modalities": 1, "shapley-weight": 1.0, "size-weight": 1.0,
             "recency-weight": 0.0, "fedmfs-head": "local", "local-val-fraction": 0.25}
-    start = _start(cfg)
+    start = start_state(cfg)
     reply = client_app.train(_train_message(start, sent), context)
     rec = reply.content["arrays"]
     got = rec.to_torch_state_dict()
@@ -143,7 +139,7 @@ def test_fedala_weights_stay_in_0_1_and_persist_across_rounds_of_one_node(cfg):
     options = {"modality_alignment": True}
     context = _context(cfg)
     sent = {**EPA, **task.options_to_message(options)}
-    start = _start(cfg, options)
+    start = start_state(cfg, options)
     client_app.train(_train_message(start, {**sent, "server-round": 1}), context)
     assert "fedepa.local" in context.state.array_records  # round 1: nothing to mix yet, the own model kept
     assert "fedepa.ala-weights" not in context.state.array_records
@@ -165,7 +161,7 @@ def test_fedala_weights_stay_in_0_1_and_persist_across_rounds_of_one_node(cfg):
 def test_adaptive_local_aggregation_mixes_only_the_top_layers(cfg):
     options = {"modality_alignment": True}
     model = task.model_for(cfg, options)
-    g, loc = _start(cfg, options), {k: v + 1.0 if v.is_floating_point() else v for k, v in _start(cfg, options).items()}
+    g, loc = start_state(cfg, options), {k: v + 1.0 if v.is_floating_point() else v for k, v in start_state(cfg, options).items()}
     data = local_data(cfg, SUBJECT, 0.0).train
     mixed, w, losses = fedepa.adaptive_local_aggregation(model, g, loc, None, data, layers=["classifier"],
                                                          slice_fraction=0.5, lr=1.0, epochs=2, seed=0,
@@ -208,14 +204,14 @@ def test_the_model_with_alignment_trains_its_alignment_on_unlabelled_windows(cfg
     """Label-scarce FedEPA: the unlabelled windows stay in training (label -1), the loss terms name 'align'."""
     scarce = cfg.replace(labeled_fraction=0.2)
     options = {"modality_alignment": True}
-    state, metrics = client_app.train_subject(scarce, SUBJECT, _start(scarce, options),
+    state, metrics = client_app.train_subject(scarce, SUBJECT, start_state(scarce, options),
                                               {"server-round": 1, "alignment-weight": 1.0,
                                                **task.options_to_message(options)}, **QUIET)
     n = len(task.dataset(scarce, [SUBJECT], train=True))
     assert metrics["num-examples"] == n and metrics["unlabelled_windows"] == n - round(0.2 * n)
     assert np.isfinite(metrics["train_align_loss"]) and metrics["train_align_loss"] > 0
     # any other strategy trains on the labelled windows only
-    _, plain = client_app.train_subject(scarce, SUBJECT, _start(scarce), {"server-round": 1}, **QUIET)
+    _, plain = client_app.train_subject(scarce, SUBJECT, start_state(scarce), {"server-round": 1}, **QUIET)
     assert plain["num-examples"] == round(0.2 * n)
 
 
@@ -245,7 +241,7 @@ def test_held_out_windows_are_never_trained_on_and_labels_apply_to_the_rest(cfg)
 # ------------------------------------------------------------------------------------------- personalized eval
 def test_personalized_evaluation_fine_tunes_the_global_model_or_uses_the_node_s_own(cfg):
     pcfg = cfg.replace(personal_eval_fraction=0.25)
-    start = _start(pcfg)
+    start = start_state(pcfg)
     arrays, metrics = client_app.personal_evaluate(pcfg, SUBJECT, start, {"personal-eval": "finetune"}, **QUIET)
     n_held = len(local_data(pcfg, SUBJECT, 0.25).heldout)
     assert metrics["num-examples"] == n_held and arrays["labels"].shape == (n_held,)
