@@ -161,7 +161,8 @@ def test_fedala_weights_stay_in_0_1_and_persist_across_rounds_of_one_node(cfg):
 def test_adaptive_local_aggregation_mixes_only_the_top_layers(cfg):
     options = {"modality_alignment": True}
     model = task.model_for(cfg, options)
-    g, loc = start_state(cfg, options), {k: v + 1.0 if v.is_floating_point() else v for k, v in start_state(cfg, options).items()}
+    g = start_state(cfg, options)
+    loc = {k: v + 1.0 if v.is_floating_point() else v for k, v in g.items()}
     data = local_data(cfg, SUBJECT, 0.0).train
     mixed, w, losses = fedepa.adaptive_local_aggregation(model, g, loc, None, data, layers=["classifier"],
                                                          slice_fraction=0.5, lr=1.0, epochs=2, seed=0,
