@@ -21,7 +21,8 @@ VALUES = ("weighted_f1", "accuracy")
 
 
 @torch.no_grad()
-def coalition_predictions(model: nn.Module, loader: Iterable[dict], device: torch.device) -> dict[frozenset, np.ndarray]:
+def coalition_predictions(model: nn.Module, loader: Iterable[dict],
+                          device: torch.device) -> dict[frozenset | None, np.ndarray]:
     """Predictions of ``model`` (eval mode) on the loader's windows with only the modalities of each non-empty
     coalition of ``model.modalities`` (intersected with what each window has), and the labels under key ``None``."""
     mods = list(model.modalities)

@@ -136,7 +136,8 @@ def train_config(cfg: RunConfig, round_config: Mapping[str, Any] | None = None, 
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     sent = dict(round_config or {})
     return TrainConfig(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, batch_size=cfg.forward_batch,
-                       grad_accum=cfg.optimizer_batch // cfg.forward_batch, epochs=cfg.local_epochs if epochs is None else epochs,
+                       grad_accum=cfg.optimizer_batch // cfg.forward_batch,
+                       epochs=cfg.local_epochs if epochs is None else epochs,
                        patience=cfg.patience, amp=cfg.amp, modality_dropout=cfg.modality_dropout,
                        unimodal_weight=cfg.unimodal_weight,
                        generator_weight=float(sent.get("generator-weight", 1.0)),
