@@ -21,13 +21,19 @@ from server_app.simulation import run_simulation
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def finished(run_dir: Path) -> dict | None:
-    """The results of a finished run (they hold test metrics; `fedtime.results` schema), else None."""
+def finished(run_dir: Path, *, need_test: bool = True) -> dict | None:
+    """The results of a run that ended (`fedtime.results` schema; with `need_test`, holding test figures — a
+    FedMFS run with local heads has none), else None: not there, unreadable, or still running."""
     path = run_dir / "results.json"
     if not path.exists():
         return None
-    res = read_results(path)
-    return res if res.get("test") else None
+    try:
+        res = read_results(path)
+    except (ValueError, json.JSONDecodeError):
+        return None
+    if res.get("status") not in ("completed", "early_stopped") or (need_test and not res.get("test")):
+        return None
+    return res
 
 
 def federated_cell(out: Path, name: str, run_config: dict, *, timeout: float, report_only: bool = False,

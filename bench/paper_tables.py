@@ -42,6 +42,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # after the project: benc
 
 from fedtime.config import RunConfig, parse_run_config  # noqa: E402
 from fedtime.results import read_results, write_json, write_results  # noqa: E402
+from _cells import federated_cell, finished  # noqa: E402
 
 ALL = "act,acw,dc,pm"
 PAPER_TOML = ROOT / "conf" / "paper.toml"
@@ -136,18 +137,6 @@ def cell_run_config(row: Row, mode: str, split: int, preset: str, extra: dict | 
 
 
 # --------------------------------------------------------------------------- stored runs
-def finished(run_dir: Path) -> dict | None:
-    """A finished run's results (`fedtime.results` schema, test figures present), else None."""
-    path = run_dir / "results.json"
-    if not path.exists():
-        return None
-    try:
-        res = read_results(path)
-    except (ValueError, json.JSONDecodeError):
-        return None
-    return res if res.get("test") and res.get("status") in ("completed", "early_stopped") else None
-
-
 def _same(key: str, a, b) -> bool:
     if key == "modalities":
         return {m for m in str(a).split(",") if m} == {m for m in str(b).split(",") if m}
@@ -289,8 +278,6 @@ def train_centralized(out: Path, cell: Cell, rc: dict, central_args: dict, timeo
 
 def train_federated(out: Path, cell: Cell, rc: dict, timeout: float, cpus: float, gpus: float) -> dict:
     """The Ray simulation of `cell` (bench/_cells.py: resumes an interrupted attempt from its checkpoint)."""
-    from _cells import federated_cell
-
     return federated_cell(out, cell.name, rc, timeout=timeout, cpus_per_client=cpus, gpus_per_client=gpus)
 
 

@@ -31,9 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/model.py must not shadow `model`
 
 from fedtime.results import read_results, write_results  # noqa: E402
 from server_app.simulation import exit_on_sigterm, run_simulation  # noqa: E402
+
+import _cells  # noqa: E402
 
 SCENARIOS: dict[str, dict] = {
     "clean": {},
@@ -136,7 +139,7 @@ def plot_cells(cells: list[dict], scenarios: list[str], strategies: list[str], p
 
 def finished(res_path: Path) -> bool:
     """A cell whose run ended (a run without a global model to test, FedMFS with local heads, has test None)."""
-    return res_path.exists() and read_results(res_path).get("status") in ("completed", "early_stopped")
+    return _cells.finished(res_path.parent, need_test=False) is not None
 
 
 def cell_record(res: dict) -> dict:

@@ -47,6 +47,11 @@ def _keep(node_state: RecordDict | None, name: str, tensors: dict[str, torch.Ten
         node_state[name] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
+def local_seed(cfg: RunConfig, server_round: int, subject: int) -> int:
+    """The seed of a client's round (its local steps, FedEPA's slice): a run, or its resumption, repeats them."""
+    return cfg.seed * 100_003 + server_round * 101 + subject
+
+
 def personal_start(cfg: RunConfig, subject: int, model: torch.nn.Module, state: dict, sent: dict, local: LocalData,
                    node_state: RecordDict | None, server_round: int) -> tuple[dict, dict]:
     """The state a client starts from (and is evaluated with, for a personalized evaluation): the global one,
@@ -70,7 +75,7 @@ def personal_start(cfg: RunConfig, subject: int, model: torch.nn.Module, state: 
             model, state, _arrays(node_state, "fedepa.local"), weights, local.train, layers=layers,
             slice_fraction=float(sent.get("ala-slice", 0.8)), lr=float(sent.get("ala-lr", 1.0)),
             epochs=int(sent.get("ala-epochs", 1)) if weights else int(sent.get("ala-first-epochs", 5)),
-            seed=cfg.seed * 100_003 + server_round * 101 + subject, device=task.device(),
+            seed=local_seed(cfg, server_round, subject), device=task.device(),
             class_weights=class_weights_from_labels(local.labels, 7))
         if weights:
             _keep(node_state, "fedepa.ala-weights", weights)
@@ -102,7 +107,7 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, round_config: dict 
     load_trainable_state(model, start)
     val_loader = (DataLoader(local.heldout, batch_size=cfg.eval_batch_size) if local.heldout is not None
                   else None)
-    seed = cfg.seed * 100_003 + server_round * 101 + subject
+    seed = local_seed(cfg, server_round, subject)
     torch.manual_seed(seed)
     weights = class_weights_from_labels(local.labels, 7)
     if val_loader is not None:
@@ -133,8 +138,7 @@ def train_subject(cfg: RunConfig, subject: int, state: dict, round_config: dict 
     if "ala-layers" in sent:
         _keep(node_state, "fedepa.local", trained)
     if "upload-modalities" in sent:
-        trained, chosen = _fedmfs_upload(cfg, model, trained, sent, local, val_loader, node_state, server_round,
-                                         metrics)
+        trained = _fedmfs_upload(cfg, model, trained, sent, local, val_loader, node_state, server_round, metrics)
     new_state = task.scenario(cfg).poison_update(subject, trained, state)
     if "dp-clip" in sent:
         new_state = privatize(new_state, state, sent)
@@ -156,7 +160,7 @@ def privatize(new_state: dict, global_state: dict, sent: dict) -> dict[str, torc
 
 def _fedmfs_upload(cfg: RunConfig, model: torch.nn.Module, trained: dict, sent: dict, local: LocalData,
                    val_loader: DataLoader | None, node_state: RecordDict | None, server_round: int,
-                   metrics: dict) -> tuple[dict, list[str]]:
+                   metrics: dict) -> dict:
     """FedMFS: Shapley value of each modality on the held-out windows, priority, the top-γ encoders (of the
     modalities this client has) plus, with a shared head, the fusion and classifier; a local head is kept."""
     if val_loader is None:
@@ -175,7 +179,7 @@ def _fedmfs_upload(cfg: RunConfig, model: torch.nn.Module, trained: dict, sent: 
     metrics.update({f"shapley-{m}": v for m, v in shapley.items()})
     metrics.update({f"priority-{m}": v for m, v in prio.items()})
     metrics.update({f"uploaded-{m}": int(m in chosen) for m in shapley})
-    return fedmfs.upload(trained, chosen, with_head=shared), chosen
+    return fedmfs.upload(trained, chosen, with_head=shared)
 
 
 @app.train()
