@@ -161,6 +161,8 @@ def settings_differ(res: dict, cell: Cell, wanted: dict, central_args: dict) -> 
     for k, v in want.items():
         if k in IGNORED_KEYS or "." in k:
             continue
+        if k.startswith("dp-") and k != "dp-noise-multiplier" and not want.get("dp-noise-multiplier"):
+            continue  # DP off: its other keys change nothing (a cell stored before dp-clip's default moved)
         have = stored.get(k, defaults.get(k))
         if not _same(k, have, v):
             diff[k] = [have, v]

@@ -112,7 +112,7 @@ class RunConfig:
     labeled_fraction: float = key(1.0, gt=0, le=1)  # share of each client's training windows that keeps its label
     # privacy: user-level differential privacy of the weighted-mean strategies (docs/privacy.md)
     dp_noise_multiplier: float = key(0.0, ge=0)  # z; 0 = DP off
-    dp_clip: float = key(1.0, gt=0)  # C: L2 norm a client's update is clipped to
+    dp_clip: float = key(4.0, gt=0)  # C: L2 norm a client's update is clipped to
     dp_noise: str = key("server", choices=("server", "client"))  # who adds the Gaussian noise
     dp_delta: float = key(1e-5, gt=0, lt=1)
     dp_target_epsilon: float = key(0.0, ge=0)  # > 0: stop before a round that would exceed this ε
