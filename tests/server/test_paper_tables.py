@@ -114,6 +114,11 @@ def test_settings_comparison_completes_old_configs_with_defaults():
                                  {"epochs": 25, "max_batches": None}) == {"micro-batch": [8, 0]}
     assert "mode" in bench.settings_differ({**res, "mode": "centralized"}, cell, wanted,
                                            {"epochs": 25, "max_batches": None})
+    # DP off in both: its other keys change nothing (cells stored before dp-clip's default moved still count)
+    assert bench.settings_differ({**res, "config": {**stored, "dp-clip": 1.0}}, cell, wanted,
+                                 {"epochs": 25, "max_batches": None}) == {}
+    assert bench.settings_differ({**res, "config": {**stored, "dp-noise-multiplier": 1.0}}, cell, wanted,
+                                 {"epochs": 25, "max_batches": None}) == {"dp-noise-multiplier": [1.0, 0.0]}
 
 
 @pytest.mark.slow  # the real data: two short centralized trainings (tiny preset) and a t-SNE
