@@ -187,3 +187,17 @@ def test_grid_resumes_after_an_interruption_and_draws_the_fused_embeddings(mex_p
     assert tsne["weighted_f1"] == pytest.approx(res["test"]["weighted_f1"], abs=1e-3)
     assert "figures/tsne_best_federated_magnet.png" in report.read_text()
     assert json.loads(out3.strip().splitlines()[-1])["trained"] == 0
+
+
+def test_the_numbers_paragraph_compares_offsets_order_gap_and_the_literal_row():
+    rows = [bench.ROWS[n] for n in ("magnet", "concat", "dart", "magnet-paper-literal")]
+    means = {("magnet", "centralized"): 0.914, ("concat", "centralized"): 0.905,
+             ("magnet", "federated"): 0.877, ("concat", "federated"): 0.900,
+             ("magnet-paper-literal", "centralized"): 0.800}
+    said = bench.what_the_numbers_say(rows, means)
+    assert said[0].startswith("**Centralized, 2 rows stored:** ours minus the paper -0.020 to +0.029")
+    assert said[0].endswith("the paper's order.")
+    assert "Concat 0.900 > MAGNET 0.877 — the paper's is MAGNET > Concat." in said[1]
+    assert said[2] == "**Centralized minus federated:** MAGNET +0.037 (paper +0.053); Concat +0.005 (paper +0.075)."
+    assert "0.914 against 0.800 (+0.114)" in said[3]
+    assert bench.what_the_numbers_say(rows, {("magnet", "federated"): 0.9}) == []  # one row: nothing to compare
