@@ -52,6 +52,45 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
+def plot(path: Path, rows: list[dict]) -> Path | None:
+    """Test weighted F1 against ε (log scale; each seed a dot, the level's mean a line), the non-private run as a
+    horizontal line, ε = 10 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = [r for r in rows if r["z"] > 0 and r["epsilon"]]
+    if not private:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in rows:
+        if r["z"] == 0:
+            mean = statistics.mean(c["weighted_f1"] for c in r["cells"])
+            ax.axhline(mean, color="k", ls="--", lw=1, label=f"no DP ({mean:.3f})")
+    xs = [r["epsilon"] for r in private]
+    ax.plot(xs, [statistics.mean(c["weighted_f1"] for c in r["cells"]) for r in private], "o-", color="C0",
+            label="DP-FedAvg (mean over seeds)")
+    for r in private:
+        ax.scatter([r["epsilon"]] * len(r["cells"]), [c["weighted_f1"] for c in r["cells"]], s=12, color="C0",
+                   alpha=0.5)
+        ax.annotate(f"z={r['z']:g}", (r["epsilon"], statistics.mean(c["weighted_f1"] for c in r["cells"])),
+                    textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.axvline(10, color="C3", lw=1, ls=":", label="ε = 10")
+    ax.axhline(1 / 7, color="grey", lw=1, ls=":", label="chance (7 balanced classes)")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε after the run (δ = 1e-5, user level)")
+    ax.set_ylabel("test weighted F1")
+    ax.set_ylim(0, 1)
+    ax.set_title("user-level DP, 9 of 21 clients per round")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +101,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path("outputs/bench-privacy"))
     p.add_argument("--timeout", type=float, default=3600, help="seconds one cell may run")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--figure", type=Path, default=None, help="also draw F1 against ε here (default: <workdir>/utility.png)")
     p.add_argument("--baseline", type=Path, action="append", default=[],
                    help="a finished non-private run stored elsewhere with the same recipe (e.g. the headline's "
                         "outputs/bench-headline/default-federated-split42), reported as a z = 0 cell, not copied")
@@ -95,12 +135,15 @@ def main() -> int:
     for z, clip in levels:
         cs = [c for c in cells if c["z"] == z and (z == 0 or c["clip"] == clip)]
         eps = cs[0]["epsilon"] if z else None
-        print(f"| {z:g}{' (no DP)' if z == 0 else ''} | {'—' if z == 0 else f'{clip:g}'} | {'∞' if z == 0 else f'{eps:.3g}'} | "
+        print(f"| {z:g}{' (no DP)' if z == 0 else ''} | {'—' if z == 0 else f'{clip:g}'} | {'∞' if z == 0 else (f'{eps:,.0f}' if eps >= 100 else f'{eps:.3g}')} | "
               f"{_ms([c['weighted_f1'] for c in cs])} | {_ms([c['macro_f1'] for c in cs])} | "
               f"{_ms([c['val_weighted_f1'] for c in cs])} | "
               f"{','.join(str(c['seed']) for c in cs)} | {'/'.join(str(c['rounds']) for c in cs)} |")
         rows.append({"z": z, "clip": clip, "epsilon": eps, "cells": cs})
-    print(json.dumps({"run_config": extra, "levels": rows}))
+    figure = plot(a.figure or out / "utility.png", rows)
+    if figure:
+        print(f"\nfigure: {figure}")
+    print(json.dumps({"run_config": extra, "levels": rows, "figure": str(figure) if figure else None}))
     return 0
 
 

@@ -51,6 +51,7 @@ def test_report_only_tabulates_stored_cells_and_a_baseline(tmp_path):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert [lv["z"] for lv in out["levels"]] == [0.0, 1.0, 3.0]
     assert out["levels"][2]["epsilon"] == 3.5
+    assert out["figure"] == str(work / "utility.png") and (work / "utility.png").stat().st_size > 1000
 
 
 def test_keys_the_bench_sets_itself_are_refused_in_run_config(tmp_path):
