@@ -38,18 +38,23 @@ from server_app.run_store import arrays_to_numpy, load_arrays  # noqa: E402
 BN_STATS = ("running_mean", "running_var")
 
 
-def start_state(cfg: RunConfig, start: str) -> dict[str, torch.Tensor]:
-    torch.manual_seed(cfg.seed)  # as the ServerApp does before it builds the initial model
-    own = {k: v.detach().clone() for k, v in trainable_state(task.model_for(cfg)).items()}
+def initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The model at `seed`, as the ServerApp builds it. Call before any training: `train_subject` trains the
+    process-wide model instance in place."""
+    torch.manual_seed(cfg.seed)
+    return {k: v.detach().clone() for k, v in trainable_state(task.model_for(cfg)).items()}
+
+
+def start_state(start: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if start == "init":
-        return own
+        return init
     path = Path(start) / "best_model.safetensors"
     if not path.is_file():
         raise SystemExit(f"--start {start}: no best_model.safetensors there (a finished federated run directory?)")
     arrays = arrays_to_numpy(load_arrays(path))
-    if set(arrays) != set(own):
+    if set(arrays) != set(init):
         raise SystemExit(f"--start {start}: its arrays do not match this run config's model "
-                         f"(missing {sorted(set(own) - set(arrays))[:3]}, extra {sorted(set(arrays) - set(own))[:3]})")
+                         f"(missing {sorted(set(init) - set(arrays))[:3]}, extra {sorted(set(arrays) - set(init))[:3]})")
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
@@ -74,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     _, split, _ = task.open_data(cfg)
     subjects = list(split.train)[: args.subjects]
     rows = []
+    init = initial_state(cfg)
     for start in args.start or ["init"]:
-        state = start_state(cfg, start)
+        state = start_state(start, init)
         for subject in subjects:
             t0 = time.time()
             sent, metrics = client_app.train_subject(cfg, subject, state, {"server-round": 1}, log=lambda s: None)
