@@ -201,3 +201,7 @@ def test_the_numbers_paragraph_compares_offsets_order_gap_and_the_literal_row():
     assert said[2] == "**Centralized minus federated:** MAGNET +0.037 (paper +0.053); Concat +0.005 (paper +0.075)."
     assert "0.914 against 0.800 (+0.114)" in said[3]
     assert bench.what_the_numbers_say(rows, {("magnet", "federated"): 0.9}) == []  # one row: nothing to compare
+    subset = bench.what_the_numbers_say([bench.ROWS["magnet-acw-pm-dc"]], {("magnet", "federated"): 0.877,
+                                                                         ("magnet-acw-pm-dc", "federated"): 0.709})
+    assert subset == ["**Federated, leaving one sensor out** (against all four: ours 0.877, paper 0.881): "
+                      "without act -0.168 (paper -0.030)."]
