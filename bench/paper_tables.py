@@ -345,7 +345,8 @@ DIFFERENCES_T2 = [
     "in training and at test alike; nothing else changes from the MAGNET row — docs/model.md, Missing modalities.",
     "**The thigh accelerometer (act) matters more here** (a hypothesis, not measured): our recipe keeps each "
     "window's posture and gravity direction in the accelerometers (per-subject z-scores, `acc-window-stats`), and "
-    "act's posture alone tells most of MEx's exercises apart (lying, sitting, standing ones); the paper's "
+    "the thigh's orientation to gravity alone tells many of MEx's seven mat exercises apart (they differ in body "
+    "position); the paper's "
     "per-window z-scores remove it, which would make act less decisive there and the other sensors more. Running "
     "the three-sensor rows with conf/paper.toml would test this.",
 ]
