@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +20,14 @@ from fedtime.results import read_results, write_results
 from server_app.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def mean_std(xs: list) -> str:
+    """"0.904 ± 0.028" over the values that are not None ("0.904" for one, "—" for none)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
 def finished(run_dir: Path, *, need_test: bool = True) -> dict | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/model.py must not shadow `model`
 
-from _cells import centralized_cell, federated_cell  # noqa: E402
+from _cells import centralized_cell, federated_cell, mean_std  # noqa: E402
 
 from fedtime.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
@@ -42,13 +42,6 @@ def summarise(res: dict) -> dict:
     return {"weighted_f1": test["weighted_f1"], "macro_f1": test["macro_f1"], "accuracy": test["accuracy"],
             "val_weighted_f1": best.get("val_weighted_f1"), "best": best.get("round" if federated else "epoch"),
             "wall_s": wall, "peak_rss_mib": res.get("peak_rss_mib")}
-
-
-def _ms(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
 def main() -> int:
@@ -96,7 +89,7 @@ def main() -> int:
                     (f"{c[f]:.0f}" if f == "wall_s" and c[f] is not None else str(c[f])) for f in fields]
             print(f"{mode:<12} {split:>6} " + " ".join(f"{v:>16}" for v in vals) + f" {PAPER[mode]:>10.3f}")
         if rows:
-            means = [_ms([c[f] for c in rows.values()]) if f not in ("best", "wall_s") else "" for f in fields]
+            means = [mean_std([c[f] for c in rows.values()]) if f not in ("best", "wall_s") else "" for f in fields]
             print(f"{mode:<12} {'mean':>6} " + " ".join(f"{v:>16}" for v in means) + f" {PAPER[mode]:>10.3f}")
         vals = list(rows.values())
         summary[f"{mode}_val_weighted_f1_mean"] = statistics.mean(c["val_weighted_f1"] for c in vals) if vals else None

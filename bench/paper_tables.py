@@ -42,7 +42,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # after the project: benc
 
 from fedtime.config import RunConfig, parse_run_config  # noqa: E402
 from fedtime.results import read_results, write_json, write_results  # noqa: E402
-from _cells import federated_cell, finished  # noqa: E402
+from _cells import federated_cell, finished, mean_std  # noqa: E402
 
 ALL = "act,acw,dc,pm"
 PAPER_TOML = ROOT / "conf" / "paper.toml"
@@ -293,13 +293,6 @@ def summarise(res: dict) -> dict:
             "status": res.get("status")}
 
 
-def _ms(xs: list) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-
-
 def _minutes(xs: list) -> str:
     xs = [x for x in xs if x is not None]
     return f"{statistics.mean(xs) / 60:.1f}" if xs else "—"
@@ -441,7 +434,7 @@ def write_report(path: Path, rows: list[Row], cells: list[Cell], stored: dict[st
         note = f" ({failed} failed)" if failed else ""
         if not entries:
             return "—", "—", "—", "—"
-        return (_ms([s["weighted_f1"] for s in got]) + note, _ms([s["macro_f1"] for s in got]),
+        return (mean_std([s["weighted_f1"] for s in got]) + note, mean_std([s["macro_f1"] for s in got]),
                 str(len(got)) if got else "0", _minutes([s["wall_s"] for s in got]))
 
     for table, title, extra in ((1, "Table 1: fusion methods, all four sensors", DIFFERENCES_T1),

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the project: bench/model.py must not shadow `model`
 
-from _cells import federated_cell, finished  # noqa: E402
+from _cells import federated_cell, finished, mean_std  # noqa: E402
 
 from fedtime.config import parse_run_config  # noqa: E402
 from server_app.simulation import exit_on_sigterm  # noqa: E402
@@ -43,13 +43,6 @@ def summarise(res: dict) -> dict:
             "rounds": len(res.get("history") or []), "best_round": (res.get("best") or {}).get("round"),
             "val_weighted_f1": (res.get("best") or {}).get("val_weighted_f1"),
             "wall_s": res.get("sim_wall_s") or res.get("wall_time_s")}
-
-
-def _ms(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
 
 
 def plot(path: Path, rows: list[dict]) -> Path | None:
@@ -136,8 +129,8 @@ def main() -> int:
         cs = [c for c in cells if c["z"] == z and (z == 0 or c["clip"] == clip)]
         eps = cs[0]["epsilon"] if z else None
         print(f"| {z:g}{' (no DP)' if z == 0 else ''} | {'—' if z == 0 else f'{clip:g}'} | {'∞' if z == 0 else (f'{eps:,.0f}' if eps >= 100 else f'{eps:.3g}')} | "
-              f"{_ms([c['weighted_f1'] for c in cs])} | {_ms([c['macro_f1'] for c in cs])} | "
-              f"{_ms([c['val_weighted_f1'] for c in cs])} | "
+              f"{mean_std([c['weighted_f1'] for c in cs])} | {mean_std([c['macro_f1'] for c in cs])} | "
+              f"{mean_std([c['val_weighted_f1'] for c in cs])} | "
               f"{','.join(str(c['seed']) for c in cs)} | {'/'.join(str(c['rounds']) for c in cs)} |")
         rows.append({"z": z, "clip": clip, "epsilon": eps, "cells": cs})
     figure = plot(a.figure or out / "utility.png", rows)
