@@ -123,7 +123,9 @@ def run_simulation(run_config: dict[str, Any], *, nodes: int, workdir: Path, app
             try:
                 status = _wait(run_id, env, workdir, timeout, streamer, logf if echo else None, on_progress)
             finally:
-                _drain(streamer, logf if echo else None, grace=10.0)
+                # an interrupted run is torn down at once: waiting for its stream to end would let it go on
+                # training (CI once saw a run interrupted after round 2 finish all 6 rounds during that wait)
+                _drain(streamer, logf if echo else None, grace=0.0 if status.startswith("interrupted") else 10.0)
     finally:
         leftover = stop_pids([], grace=10, marker=marker)
     return SimulationRun(run_id, status, time.time() - t0, log_path, leftover)

@@ -84,7 +84,7 @@ def test_simulation_trains_3_rounds_and_writes_results(mex_path, tmp_path):
 
 
 def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
-    # six short rounds: the kill after round 2 lands before the last one even on a loaded machine
+    # six short rounds (~3-5 s each): an interruption tears the run down at once, so it stops by round 4
     common = {"num-server-rounds": 6, "clients-per-round": 2, "local-epochs": 1, "patience": 0}
     full = run_simulation(_config(mex_path, tmp_path / "out", **common, **{"run-name": "full"}), nodes=4,
                           workdir=tmp_path / "sim-full", timeout=900)
@@ -100,7 +100,7 @@ def test_resume_continues_with_the_same_client_sequence(mex_path, tmp_path):
     assert killed.status.startswith("interrupted"), killed.status
     assert killed.leftover_pids == []
     done = json.loads(state.read_text())["round"]
-    assert 2 <= done < 6
+    assert 2 <= done <= 4, f"the interruption after round 2 landed only after round {done}"
 
     resumed = run_simulation(_config(mex_path, tmp_path / "out", **common,
                                      **{"resume": str(tmp_path / "out" / "killed")}), nodes=4,
